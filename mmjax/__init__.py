@@ -1,0 +1,3 @@
+"""mmjax: multimodal pretraining in JAX/Flax (see README.md)."""
+
+__version__ = "0.1.0"
