@@ -1,0 +1,85 @@
+"""CLIP / SigLIP dual encoder: ViT image tower + text transformer, projected to a joint unit-norm space."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.layers import Array, Dtype, partitioned
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import ViT
+
+REQUIRED_KEYS = ("image", "text_ids", "text_mask")
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    """Unit-normalise the last axis in float32 (embeds are returned in float32 whatever the compute dtype)."""
+    x = x.astype(jnp.float32)
+    return x * jnp.reciprocal(jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps))
+
+
+class CLIP(nn.Module):
+    """Dual encoder for contrastive image-text pretraining (softmax = CLIP, sigmoid = SigLIP).
+
+    `dtype`, `param_dtype` and `remat` here override the same keys in the tower dicts, so the trainer's one
+    setting applies to both towers.
+    """
+
+    image: Mapping[str, Any]  # ViT kwargs
+    text: Mapping[str, Any]  # TextTransformer kwargs
+    embed_dim: int = 512
+    loss: str = "softmax"  # "softmax" | "sigmoid"
+    logit_scale_init: Optional[float] = None  # default log(1/0.07) for softmax, log(10) for sigmoid
+    logit_scale_max: float = math.log(100.0)
+    logit_bias_init: float = -10.0  # sigmoid only (SigLIP's b)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        if self.loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss must be 'softmax' or 'sigmoid'; got {self.loss!r}")
+        shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        self.image_encoder = ViT(**{**dict(self.image), **shared})
+        self.text_encoder = TextTransformer(**{**dict(self.text), **shared})
+        proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=partitioned(layers.dense_init, ("embed", "joint")))
+        self.image_projection = nn.Dense(**proj)
+        self.text_projection = nn.Dense(**proj)
+
+        scale_init = self.logit_scale_init
+        if scale_init is None:
+            scale_init = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
+        self.logit_scale_param = self.param(
+            "logit_scale", partitioned(nn.initializers.constant(scale_init), ()), (), jnp.float32)
+        if self.loss == "sigmoid":
+            self.logit_bias_param = self.param(
+                "logit_bias", partitioned(nn.initializers.constant(self.logit_bias_init), ()), (), jnp.float32)
+
+    def encode_image(self, image: Array, *, train: bool = False) -> Array:
+        """image float [B, H, W, 3] -> unit-norm float32 embeds [B, embed_dim]."""
+        pooled, _ = self.image_encoder(image, train=train)
+        return l2_normalize(self.image_projection(pooled))
+
+    def encode_text(self, text_ids: Array, text_mask: Array, *, train: bool = False) -> Array:
+        """text_ids, text_mask int [B, L] -> unit-norm float32 embeds [B, embed_dim]."""
+        pooled, _ = self.text_encoder(text_ids, text_mask, train=train)
+        return l2_normalize(self.text_projection(pooled))
+
+    def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
+        """batch with image/text_ids/text_mask -> {image_embeds, text_embeds, logit_scale, logit_bias}."""
+        for key in REQUIRED_KEYS:
+            if key not in batch:
+                raise KeyError(f"CLIP needs batch key {key!r}; got keys {sorted(batch)}")
+        # Clamp before exp (as OpenCLIP clamps the exp'd scale at 100): keeps training stable at large scales.
+        logit_scale = jnp.exp(jnp.minimum(self.logit_scale_param, self.logit_scale_max))
+        logit_bias = self.logit_bias_param if self.loss == "sigmoid" else jnp.zeros((), jnp.float32)
+        return {
+            "image_embeds": self.encode_image(batch["image"], train=train),
+            "text_embeds": self.encode_text(batch["text_ids"], batch["text_mask"], train=train),
+            "logit_scale": logit_scale,
+            "logit_bias": logit_bias,
+        }

@@ -1,0 +1,111 @@
+"""Text transformer encoder: CLIP-style causal or BERT-style bidirectional."""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.layers import Array, Dtype, partitioned
+
+
+class TextTransformer(nn.Module):
+    """Token + position embeddings -> Encoder -> pooling.
+
+    causal=True: CLIP text tower (causal mask, pre-LN, final LN, pooled at the last real token by default).
+    causal=False: BERT-style bidirectional encoder (pooled at the first/CLS token by default); with norm="post"
+    the embedding LayerNorm is on and the final LayerNorm off, as in BERT.
+    Returns `(pooled [B, width], tokens [B, L, width])`.
+    """
+
+    vocab_size: int = 49408
+    max_len: int = 77
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: Optional[int] = None  # default 4 * width
+    causal: bool = True
+    pool: Optional[str] = None  # "eos" | "cls" | "mean"; default "eos" if causal else "cls"
+    norm: str = "pre"
+    embed_ln: Optional[bool] = None  # LN after embeddings (BERT); default: norm == "post"
+    final_ln: Optional[bool] = None  # LN after the encoder (CLIP ln_final); default: norm == "pre"
+    type_vocab_size: int = 0  # >0 adds BERT token-type embeddings (type 0 unless type_ids are given)
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-5
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        text_ids: Array,
+        text_mask: Optional[Array] = None,
+        type_ids: Optional[Array] = None,
+        *,
+        train: bool = False,
+    ) -> tuple[Array, Array]:
+        """text_ids: int [B, L]; text_mask: int [B, L] (1 = real token; default all real)."""
+        pool = self.pool or ("eos" if self.causal else "cls")
+        if pool not in ("eos", "cls", "mean"):
+            raise ValueError(f"pool must be one of 'eos', 'cls', 'mean'; got {pool!r}")
+        embed_ln = self.norm == "post" if self.embed_ln is None else self.embed_ln
+        final_ln = self.norm == "pre" if self.final_ln is None else self.final_ln
+        b, length = text_ids.shape
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
+        if text_mask is None:
+            text_mask = jnp.ones((b, length), jnp.int32)
+        deterministic = not train
+
+        tok = self.param("token_embedding", partitioned(layers.embed_init, ("vocab", "embed")),
+                         (self.vocab_size, self.width), self.param_dtype)
+        pos = self.param("pos_embedding", partitioned(layers.embed_init, ("length", "embed")),
+                         (self.max_len, self.width), self.param_dtype)
+        # Gather (not one-hot matmul): the table stays in param dtype, rows are cast after the lookup.
+        x = jnp.take(tok, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
+        if self.type_vocab_size:
+            typ = self.param("type_embedding", partitioned(layers.embed_init, (None, "embed")),
+                             (self.type_vocab_size, self.width), self.param_dtype)
+            type_ids = jnp.zeros_like(text_ids) if type_ids is None else type_ids
+            x = x + jnp.take(typ, type_ids, axis=0).astype(self.dtype)
+        if embed_ln:
+            x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_embed")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = layers.constrain(x)
+
+        bias = layers.padding_bias(text_mask)  # [B, 1, 1, L]
+        if self.causal:
+            bias = bias + layers.causal_bias(length)  # [B, 1, L, L]
+        x = layers.Encoder(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            norm=self.norm,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            ln_epsilon=self.ln_epsilon,
+            remat=self.remat,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="encoder",
+        )(x, bias, deterministic)
+        if final_ln:
+            x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_final")(x)
+        tokens = layers.constrain(x)
+
+        if pool == "cls":
+            pooled = tokens[:, 0]
+        elif pool == "eos":
+            # Last real token (CLIP's end-of-text token when the text is right-padded).
+            last = jnp.maximum(jnp.sum(text_mask, axis=-1) - 1, 0)
+            pooled = jnp.take_along_axis(tokens, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        else:
+            m = text_mask.astype(jnp.float32)[..., None]
+            pooled = (jnp.sum(tokens.astype(jnp.float32) * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0))
+            pooled = pooled.astype(self.dtype)
+        return layers.constrain(pooled, ("batch", "embed")), tokens

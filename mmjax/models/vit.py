@@ -1,0 +1,142 @@
+"""Vision Transformer image encoder (ViT / CLIP image tower)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.layers import Array, Dtype, partitioned
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision): a learned probe cross-attends to the tokens, then an MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    ln_epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, D]."""
+        width = x.shape[-1]
+        probe = self.param("probe", partitioned(layers.dense_init, (None, "embed")), (1, width), self.param_dtype)
+        probe = jnp.broadcast_to(probe.astype(self.dtype)[None], (x.shape[0], 1, width))
+        x = layers.MultiHeadAttention(
+            num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+        )(probe, kv=x)
+        y = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln")(x)
+        x = x + layers.MLP(
+            self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp"
+        )(y)
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """ViT image encoder: patchify -> (+cls) -> +pos -> (ln_pre) -> Encoder -> LN -> pool.
+
+    Returns `(pooled [B, D], tokens [B, N, D])`; tokens are all encoder outputs after the final LN (including the
+    cls token first when `cls_token`), so fusion models can consume them directly.
+    """
+
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: Optional[int] = None  # default 4 * width
+    pool: str = "cls"  # "cls" | "gap" | "map"
+    cls_token: Optional[bool] = None  # default: True iff pool == "cls"
+    patch_bias: bool = True  # OpenAI CLIP's patch conv has no bias
+    ln_pre: bool = False  # CLIP applies a LayerNorm before the transformer
+    norm: str = "pre"
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, Array]:
+        """image: float [B, H, W, C] -> (pooled [B, width], tokens [B, N, width])."""
+        if self.pool not in ("cls", "gap", "map"):
+            raise ValueError(f"pool must be one of 'cls', 'gap', 'map'; got {self.pool!r}")
+        use_cls = self.pool == "cls" if self.cls_token is None else self.cls_token
+        if self.pool == "cls" and not use_cls:
+            raise ValueError("pool='cls' needs cls_token=True")
+        if image.ndim != 4:
+            raise ValueError(f"ViT expects images [B, H, W, C]; got shape {image.shape}")
+        _, h, w, c = image.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
+        mlp_dim = self.mlp_dim or 4 * self.width
+        deterministic = not train
+
+        # Patch embedding as rearrange + one matmul (same maths as a conv with kernel = stride = p, and a plain
+        # dot_general is what XLA CPU runs fastest). The kernel keeps the conv's HWIO layout for weight import.
+        kernel = self.param(
+            "patch_kernel", partitioned(nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                                        (None, None, None, "embed")),
+            (p, p, c, self.width), self.param_dtype,
+        )
+        patches = einops.rearrange(image.astype(self.dtype), "b (h p) (w q) c -> b (h w) p q c", p=p, q=p)
+        x = jnp.einsum("bnpqc,pqcd->bnd", patches, kernel.astype(self.dtype))
+        if self.patch_bias:
+            x = x + self.param("patch_bias", partitioned(layers.zeros_init, ("embed",)), (self.width,),
+                               self.param_dtype).astype(self.dtype)
+
+        if use_cls:
+            cls = self.param("cls", partitioned(layers.embed_init, ("embed",)), (self.width,), self.param_dtype)
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        n = x.shape[1]
+        pos = self.param("pos_embedding", partitioned(layers.embed_init, ("length", "embed")), (n, self.width),
+                         self.param_dtype)
+        x = x + pos.astype(self.dtype)[None]
+        if self.ln_pre:
+            x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_pre")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = layers.constrain(x)
+
+        x = layers.Encoder(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=mlp_dim,
+            norm=self.norm,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            ln_epsilon=self.ln_epsilon,
+            remat=self.remat,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="encoder",
+        )(x, None, deterministic)
+        tokens = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_post")(x)
+        tokens = layers.constrain(tokens)
+
+        if self.pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.pool == "gap":
+            # Mean over patch tokens only; averaging in float32 keeps bf16 sums accurate.
+            patch_tokens = tokens[:, 1:] if use_cls else tokens
+            pooled = jnp.mean(patch_tokens.astype(jnp.float32), axis=1).astype(self.dtype)
+        else:
+            pooled = MAPHead(
+                num_heads=self.num_heads,
+                mlp_dim=mlp_dim,
+                activation=self.activation,
+                ln_epsilon=self.ln_epsilon,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="map_head",
+            )(tokens)
+        return layers.constrain(pooled, ("batch", "embed")), tokens

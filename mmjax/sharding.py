@@ -1,0 +1,130 @@
+"""Device mesh, logical-axis rules and the shardings of train state and batches.
+
+The mesh has three named axes:
+
+    data    pure data parallelism (parameters replicated)
+    fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+    tensor  Megatron-style model parallelism over heads / mlp / vocab
+
+Models name the axes of every parameter and activation logically (see mmjax/models/layers.py); the rules in the
+config map logical names to mesh axes. Rules are applied in order and a mesh axis is used at most once per array,
+so for an activation ("batch", "length", "embed") the batch takes data+fsdp and embed stays unsharded, while a
+parameter ("embed", "mlp") is sharded on fsdp x tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (or axes, or None). The order matters: earlier rules win a mesh axis.
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+    ("joint", None),
+    ("patch", None),
+)
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """Mesh sizes per axis; one of them may be -1 to take all remaining devices."""
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
+    """Resolves the -1 entry of the mesh config and checks the product against the device count."""
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    described = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {described}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {described}: sizes must be positive or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {described} does not divide the {num_devices} available devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {described} needs {math.prod(sizes)} devices but {num_devices} are available "
+            "(set one axis to -1 to fill)")
+    return tuple(sizes)
+
+
+def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh described by the config over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    try:
+        device_grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        # Topology-aware placement is unavailable for some device kinds (e.g. fake CPU devices).
+        device_grid = np.asarray(devices).reshape(shape)
+    return Mesh(device_grid, MESH_AXES)
+
+
+def logical_rules(rules: Any = None) -> tuple[tuple[str, Any], ...]:
+    """Normalises rules from a config (lists from JSON/CLI become tuples) or returns the defaults."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        out.append((name, axes))
+    return tuple(out)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of ways the batch is split: data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of batch arrays: leading axis over data and fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on the mesh."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
+    """NamedShardings for a tree of nn.LogicallyPartitioned (or plain) leaves; plain leaves are replicated."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    """Raises a one-line error unless the batch splits evenly over the data-parallel degree and processes."""
+    dp = data_parallel_size(mesh)
+    if global_batch_size % dp:
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the data-parallel degree {dp} "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    if global_batch_size % jax.process_count():
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the process count {jax.process_count()}")
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Turns this process's numpy batch into global jax.Arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

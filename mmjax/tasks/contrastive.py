@@ -1,0 +1,102 @@
+"""Contrastive image-text pretraining (CLIP / SigLIP) and its zero-shot + retrieval evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mmjax import losses, sharding
+from mmjax.data import pipeline
+from mmjax.evaluation import retrieval, zero_shot
+
+BATCH_KEYS = ("image", "text_ids", "text_mask")
+
+
+class ContrastiveTask:
+    """Symmetric InfoNCE (`loss='softmax'`) or sigmoid (`loss='sigmoid'`) loss over the global batch."""
+
+    def __init__(self, model: nn.Module, config: Any, mesh: Mesh, tokenizer: Any):
+        self.model = model
+        self.config = config
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.loss_name = config.model.get("loss", "softmax")
+        if self.loss_name not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.loss must be 'softmax' or 'sigmoid', got {self.loss_name!r}")
+
+    def dummy_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of one batch, for abstract initialisation."""
+        size, length = self.config.data.image_size, self.config.data.max_len
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            "text_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+            "text_mask": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+        }
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Forward pass and contrastive loss; returns (loss, metrics)."""
+        out = self.model.apply({"params": params}, {k: batch[k] for k in BATCH_KEYS}, train=True,
+                               rngs={"dropout": rng})
+        # Keep the embeddings row-sharded so each device builds only its B_local x B_global block of logits.
+        zimg = nn.with_logical_constraint(out["image_embeds"], ("batch", "joint"))
+        ztxt = nn.with_logical_constraint(out["text_embeds"], ("batch", "joint"))
+        if self.loss_name == "softmax":
+            loss = losses.softmax_contrastive_loss(zimg, ztxt, out["logit_scale"])
+        else:
+            loss = losses.sigmoid_contrastive_loss(zimg, ztxt, out["logit_scale"], out["logit_bias"])
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        logits = zimg @ ztxt.T
+        # In-batch accuracy counts identical captions as correct only via the diagonal: a rough progress signal.
+        acc = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+        return loss, {"logit_scale": out["logit_scale"], "logit_bias": out["logit_bias"], "batch_i2t_acc": acc}
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Zero-shot accuracy over the classes and retrieval R@1/5/10 on the held-out split."""
+        cfg = self.config
+        encode_image = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="encode_image"),
+                               out_shardings=sharding.replicated(self.mesh))
+        encode_text = jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"),
+                              out_shardings=sharding.replicated(self.mesh))
+        images, texts, ids, labels = [], [], [], []
+        for local in pipeline.eval_batches(cfg.data, self.tokenizer, global_batch_size=cfg.eval.batch_size):
+            keep = np.asarray(local["mask"]) > 0
+            batch = sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh)
+            # Embeddings come back replicated: every process holds the whole eval set (it is small).
+            img = np.asarray(encode_image(params, batch["image"]))
+            txt = np.asarray(encode_text(params, batch["text_ids"], batch["text_mask"]))
+            mask = _global_mask(keep, self.mesh)
+            images.append(img[mask])
+            texts.append(txt[mask])
+            ids.append(_global_numpy(local["text_ids"], self.mesh)[mask])
+            labels.append(_global_numpy(local["label"], self.mesh)[mask])
+        image_embeds, text_embeds = np.concatenate(images), np.concatenate(texts)
+        labels_np, keys = np.concatenate(labels), retrieval.caption_keys(np.concatenate(ids))
+
+        prompts = pipeline.class_prompts(self.tokenizer, cfg.data.max_len)
+        num_classes, num_templates, length = prompts["text_ids"].shape
+        prompt_embeds = np.asarray(jax.jit(
+            lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"))(
+                params, prompts["text_ids"].reshape(-1, length), prompts["text_mask"].reshape(-1, length)))
+        class_embeds = zero_shot.class_embeddings(prompt_embeds.reshape(num_classes, num_templates, -1))
+
+        metrics = {"zero_shot_acc": zero_shot.zero_shot_accuracy(image_embeds, class_embeds, labels_np)}
+        metrics.update(retrieval.retrieval_recall(image_embeds, text_embeds, keys, cfg.eval.retrieval_ks))
+        metrics["i2t_r@1_chance"] = retrieval.chance_recall(keys, 1)
+        metrics["num_examples"] = float(len(labels_np))
+        return metrics
+
+
+def _global_numpy(local: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """The global batch of a per-process numpy array, in the same row order as the global jax.Array."""
+    arr = sharding.make_global_batch({"x": local}, mesh)["x"]
+    return np.asarray(jax.jit(lambda a: a, out_shardings=sharding.replicated(mesh))(arr))
+
+
+def _global_mask(local_keep: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Global boolean mask of real (non-padding) eval rows."""
+    return _global_numpy(local_keep.astype(np.float32), mesh) > 0
