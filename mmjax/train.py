@@ -77,7 +77,7 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, task: Any, tx: optax
     (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    lr=schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

@@ -32,6 +32,7 @@ import re
 from typing import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -116,6 +117,15 @@ class ImageMeasurement:
     position: str
 
 
+def _rgb_codes(rgb: np.ndarray) -> np.ndarray:
+    """[N, 3] uint8 -> [N] int32 0xRRGGBB."""
+    rgb = rgb.astype(np.int32)
+    return (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+
+
+_PALETTE_CODES = _rgb_codes(np.array([COLOR_RGB[c] for c in COLORS], np.uint8))
+
+
 def shape_alpha(image: np.ndarray) -> tuple[np.ndarray, str]:
     """Per-pixel shape coverage in [0, 1] and the named colour of the shape.
 
@@ -125,11 +135,14 @@ def shape_alpha(image: np.ndarray) -> tuple[np.ndarray, str]:
     """
     h, w, _ = image.shape
     flat = image.reshape(-1, 3).astype(np.float32)
+    # Pack RGB into one int so that counting colours is a bincount / comparison, not a row-wise unique.
+    codes = _rgb_codes(image.reshape(-1, 3))
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    values, counts = np.unique(border, axis=0, return_counts=True)
-    background = values[counts.argmax()].astype(np.float32)
+    border_codes, counts = np.unique(_rgb_codes(border), return_counts=True)
+    bg_code = int(border_codes[counts.argmax()])
+    background = np.array([bg_code >> 16, (bg_code >> 8) & 255, bg_code & 255], np.float32)
     palette = np.array([COLOR_RGB[c] for c in COLORS], np.float32)
-    exact = (np.abs(flat[:, None, :] - palette[None]).sum(-1) == 0).sum(0)
+    exact = (codes[:, None] == _PALETTE_CODES[None]).sum(0)
     color_index = int(exact.argmax())
     direction = palette[color_index] - background
     alpha = np.clip((flat - background) @ direction / (direction @ direction), 0.0, 1.0)
@@ -313,6 +326,13 @@ class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     # Write examples in image_id order: reproducible files, readable eval order, simple per-process slicing.
     disable_shuffling = True
+
+    # tfds derives code_path through importlib resources, which needs the `importlib_resources` backport for an
+    # editable install (ModuleNotFoundError otherwise); the answer is simply this file.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

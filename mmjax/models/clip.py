@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -38,6 +39,12 @@ class CLIP(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+
+    def __post_init__(self) -> None:
+        # Freeze the tower dicts so the Module stays hashable (jit static args, flax's module caching).
+        object.__setattr__(self, "image", flax.core.FrozenDict(self.image))
+        object.__setattr__(self, "text", flax.core.FrozenDict(self.text))
+        super().__post_init__()
 
     def setup(self) -> None:
         if self.loss not in ("softmax", "sigmoid"):
