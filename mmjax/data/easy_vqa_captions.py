@@ -15,11 +15,12 @@ label = color * 3 + shape), `bbox` (normalised ymin, xmin, ymax, xmax), `size` (
 Facts: the Q/A state the colour for ~92% and the shape for ~95% of images. The colour is always measured from
 the pixels (it agrees with every Q/A statement: 100% on train and test) and the Q/A win if they ever disagreed;
 the shape comes from the Q/A when stated and otherwise from the pixel rule in `measure_image` (which agrees with
-every stated shape as well). The build is deterministic: examples are written in image_id order (no shuffling)
-and the per-image caption choices are seeded by (split, image_id).
+every stated shape as well). The build is deterministic, the same bytes every time: examples are written in
+image_id order (no shuffling), images are the shipped PNG bytes, caption choices are seeded by (split, image_id),
+and records use protobuf's deterministic encoding.
 
-The builder also trains the default WordPiece tokenizer on the train captions + questions + zero-shot prompts and
-saves it next to the TFRecords: `<data_dir>/easy_vqa_captions/1.0.0/tokenizer.json` (see `tokenizer_path`).
+The builder also makes the default WordPiece tokenizer from the train captions + questions + zero-shot prompts
+(every word one token, characters as fallback) and saves it next to the TFRecords: `<data_dir>/easy_vqa_captions/1.0.0/tokenizer.json` (see `tokenizer_path`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ import functools
 import json
 import os
 import re
+from unittest import mock
 from typing import Iterator, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (through tfds): quiet C++ logs
 
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core import example_serializer
 
 # Order matters: class indices are derived from it (label = color_index * 3 + shape_index).
 COLORS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -274,7 +279,8 @@ def load_split_examples(split: str) -> list[dict]:
     split_seed = {"train": 0, "test": 1}[split]
     examples = []
     for image_id in range(_SPLITS[split]):
-        with Image.open(os.path.join(root, "images", f"{image_id}.png")) as im:
+        image_path = os.path.join(root, "images", f"{image_id}.png")
+        with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))
         pairs = by_image.get(image_id, [])
         questions = [q for q, _ in pairs]
@@ -285,6 +291,7 @@ def load_split_examples(split: str) -> list[dict]:
         shape = qa_shape or m.shape
         examples.append({
             "image": image,
+            "image_path": image_path,
             "image_id": image_id,
             "color": COLORS.index(color),
             "shape": SHAPES.index(shape),
@@ -319,13 +326,18 @@ _FEATURE_KEYS = ("image", "image_id", "color", "shape", "label", "color_from_qa"
                  "size", "position", "questions", "answers", "captions")
 
 
+class _DeterministicExampleSerializer(example_serializer.ExampleSerializer):
+    """tfds' tf.train.Example serializer with protobuf's deterministic (sorted map keys) encoding."""
+
+    def serialize_example(self, example):
+        return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
 class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
     """easy-vqa images with measured attributes, Q/A and generated captions; builds offline."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    # Write examples in image_id order: reproducible files, readable eval order, simple per-process slicing.
-    disable_shuffling = True
 
     # tfds derives code_path through importlib resources, which needs the `importlib_resources` backport for an
     # editable install (ModuleNotFoundError otherwise); the answer is simply this file.
@@ -354,6 +366,8 @@ class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
                 "captions": tfds.features.Sequence(tfds.features.Text()),
             }),
             supervised_keys=("image", "label"),
+            # Write examples in image_id order: reproducible files, readable eval order, simple slicing.
+            disable_shuffling=True,
             homepage="https://github.com/vzhou842/easy-VQA",
         )
 
@@ -363,7 +377,11 @@ class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         for ex in self._examples(split):
-            yield ex["image_id"], {k: ex[k] for k in _FEATURE_KEYS}
+            features = {k: ex[k] for k in _FEATURE_KEYS}
+            # Store the shipped PNG bytes as they are (all 5,000 are 8-bit RGB): no re-encoding, same bytes
+            # on every build.
+            features["image"] = ex["image_path"]
+            yield ex["image_id"], features
 
     def _examples(self, split: str) -> list[dict]:
         # Measured once per build: the train examples also feed the tokenizer corpus.
@@ -373,7 +391,11 @@ class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
         return cache[split]
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        # tf.train.Example holds its features in a proto map, and protobuf serializes maps in hash order unless
+        # asked for deterministic output: equal examples, different bytes. Swap in a deterministic serializer
+        # for this build only (tfds' split builder looks the class up at call time).
+        with mock.patch.object(example_serializer, "ExampleSerializer", _DeterministicExampleSerializer):
+            super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
         # self.data_dir is the temporary build dir here; tfds renames it into place only if we succeed, so the
         # tokenizer is never missing from a prepared dataset.
         from mmjax.data.tokenizer import train_wordpiece  # pylint: disable=import-outside-toplevel

@@ -5,7 +5,7 @@
 
 `encode` adds [CLS] / [SEP] itself (whatever post-processor a tokenizer.json carries is bypassed), so every
 tokenizer gives the same layout: [CLS] tokens [SEP] then pad_id; truncation keeps [SEP] last.
-`train_wordpiece` trains a vocabulary offline (the embedded dataset's default tokenizer is made with it).
+`train_wordpiece` builds a vocabulary offline (the embedded dataset's default tokenizer is made with it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # Special tokens, BERT names first; a tokenizer.json of another family may use the alternatives.
 _SPECIALS = {
@@ -86,7 +86,10 @@ class Tokenizer:
         ids = np.asarray(ids)
         if ids.ndim == 1:
             ids = ids[None]
-        return self._tok.decode_batch([row.tolist() for row in ids], skip_special_tokens=True)
+        # Drop pad/cls/sep by id too: a vocab.txt or foreign tokenizer.json may not flag them as special.
+        drop = {self.pad_id, self.cls_id, self.sep_id}
+        rows = [[int(i) for i in row if int(i) not in drop] for row in ids]
+        return self._tok.decode_batch(rows, skip_special_tokens=True)
 
     def tokenize(self, text: str) -> list[str]:
         """The word pieces of one text (no special tokens); handy to check a vocabulary covers some words."""
@@ -99,22 +102,46 @@ def _bert_wordpiece(vocab_file: str) -> tokenizers.Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
+    # Flag the specials the vocabulary has, so they are never split and decode can skip them.
+    specials = [t for names in _SPECIALS.values() for t in names if tok.token_to_id(t) is not None]
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1024) -> str:
-    """Trains a lowercased WordPiece vocabulary offline; writes tokenizer.json + vocab.txt, returns the json path.
+    """Builds a lowercased BERT WordPiece vocabulary offline; writes tokenizer.json + vocab.txt, returns the json path.
 
-    Deterministic for a given text order. With the embedded dataset's ~100 distinct words the vocabulary saturates
-    well below `vocab_size` (every word becomes one token), so the final size is whatever the corpus needs.
+    The vocabulary is [PAD] [UNK] [CLS] [SEP] [MASK], every character and its "##" continuation (so no word is
+    ever [UNK]), then whole words. When all distinct words fit in `vocab_size` (the embedded dataset has ~100)
+    they are all taken, sorted, which makes the result a pure function of the set of texts. Otherwise the Rust
+    WordPiece trainer learns the subwords; its tie-breaking follows hash-map order, so that path is not
+    byte-for-byte reproducible across runs.
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(
-        list(texts), vocab_size=vocab_size, min_frequency=1, show_progress=False,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], limit_alphabet=1000)
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: set[str] = set()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    if len(vocab) + len(words - set(chars)) <= vocab_size:
+        vocab += sorted(words - set(chars))
+    else:
+        trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
+        trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                    special_tokens=vocab[:5], limit_alphabet=1000)
+        known = set(vocab)
+        learned = sorted(t for t in trainer.get_vocab() if t not in known)
+        vocab += learned[: max(vocab_size - len(vocab), 0)]
+    vocab_path = os.path.join(out_dir, "vocab.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in vocab))
+    tok = _bert_wordpiece(vocab_path)
+    # A standalone tokenizer.json adds [CLS] ... [SEP] like BERT's; Tokenizer.encode bypasses it.
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")), ("[CLS]", vocab.index("[CLS]")))
     path = os.path.join(out_dir, "tokenizer.json")
     tok.save(path)
-    tok.save_model(out_dir)  # vocab.txt, for tools that want the BERT format
     return path

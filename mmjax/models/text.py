@@ -23,7 +23,7 @@ class TextTransformer(nn.Module):
     max_len: int = 77
     width: int = 512
     depth: int = 12
-    num_heads: int = 8
+    heads: int = 8
     mlp_dim: Optional[int] = None  # default 4 * width
     causal: bool = True
     pool: Optional[str] = None  # "eos" | "cls" | "mean"; default "eos" if causal else "cls"
@@ -82,7 +82,7 @@ class TextTransformer(nn.Module):
             bias = bias + layers.causal_bias(length)  # [B, 1, L, L]
         x = layers.Encoder(
             depth=self.depth,
-            num_heads=self.num_heads,
+            num_heads=self.heads,
             mlp_dim=self.mlp_dim or 4 * self.width,
             norm=self.norm,
             activation=self.activation,

@@ -5,7 +5,6 @@ from typing import Optional
 
 import einops
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
@@ -46,9 +45,10 @@ class ViT(nn.Module):
     """
 
     patch_size: int = 16
+    image_size: Optional[int] = None  # if set, inputs must be image_size x image_size (checked at call)
     width: int = 768
     depth: int = 12
-    num_heads: int = 12
+    heads: int = 12
     mlp_dim: Optional[int] = None  # default 4 * width
     pool: str = "cls"  # "cls" | "gap" | "map"
     cls_token: Optional[bool] = None  # default: True iff pool == "cls"
@@ -75,6 +75,8 @@ class ViT(nn.Module):
             raise ValueError(f"ViT expects images [B, H, W, C]; got shape {image.shape}")
         _, h, w, c = image.shape
         p = self.patch_size
+        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"ViT built for {self.image_size}x{self.image_size} images; got {h}x{w}")
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
         mlp_dim = self.mlp_dim or 4 * self.width
@@ -108,7 +110,7 @@ class ViT(nn.Module):
 
         x = layers.Encoder(
             depth=self.depth,
-            num_heads=self.num_heads,
+            num_heads=self.heads,
             mlp_dim=mlp_dim,
             norm=self.norm,
             activation=self.activation,
@@ -131,7 +133,7 @@ class ViT(nn.Module):
             pooled = jnp.mean(patch_tokens.astype(jnp.float32), axis=1).astype(self.dtype)
         else:
             pooled = MAPHead(
-                num_heads=self.num_heads,
+                num_heads=self.heads,
                 mlp_dim=mlp_dim,
                 activation=self.activation,
                 ln_epsilon=self.ln_epsilon,

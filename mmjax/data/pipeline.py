@@ -1,0 +1,248 @@
+"""tf.data input pipelines: TFDS split -> per-process numpy batches.
+
+    data_config = default_data_config()
+    tokenizer = load_tokenizer(data_config)
+    it = train_iterator(data_config, tokenizer, global_batch_size=256, seed=0)
+    batch = next(it)
+
+Batch keys (numpy, per process; b = global_batch_size // process_count, L = data_config.max_len):
+
+    image       float32 [b, H, W, 3]  normalised: (pixel / 255 - mean) / std, H = W = data_config.image_size
+    text_ids    int32   [b, L]        [CLS] tokens [SEP] then pad_id (a random caption in train, caption 0 in eval)
+    text_mask   int32   [b, L]        1 on real tokens incl. [CLS] / [SEP], 0 on padding
+    label       int32   [b]           class index into CLASS_NAMES ("red circle" = 0, ...), label = color * 3 + shape
+    image_id    int32   [b]           the example's id within its split (for de-duplication and tests)
+    mask        float32 [b]           eval only: 1 for real examples, 0 for padding of the last batch
+
+How it works. Each process reads only its own slice of the split (`tfds.even_splits`), decodes it once and keeps
+the uint8 images in memory (the embedded dataset is 50 MB). Train order is a pure function of (seed, step): the
+example stream is epoch after epoch of a stateless shuffle seeded by (seed, epoch), cut into batches; the caption
+of each example is drawn with a stateless RNG seeded by (seed, step, process). So `start_step=k` jumps straight to
+(epoch, offset) = divmod(k * b, n) and only skips indices, never images: it yields exactly the batches an iterator
+started at 0 yields from its k-th on. Gather, resize and normalise run in tf.data; tokenization runs on the host
+with the Rust tokenizer, one call per batch. Eval batches are padded to the full batch size and every process
+runs the same number of batches, ceil(ceil(n / process_count) / b).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TF import to quiet its C++ logging
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from mmjax.data import easy_vqa_captions
+from mmjax.data.tokenizer import Tokenizer
+
+# TF is only the input pipeline here: keep it off the accelerators (JAX owns them) and quiet.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (someone used it first); nothing to hide then
+    pass
+tf.get_logger().setLevel("ERROR")
+
+_BUILDERS = {"easy_vqa_captions": easy_vqa_captions.EasyVqaCaptions}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data config with its defaults (the embedded dataset, 64x64 images, 24 tokens)."""
+    return ml_collections.ConfigDict(dict(
+        name="easy_vqa_captions",
+        data_dir=None,          # None = the TFDS default (~/tensorflow_datasets)
+        image_size=64,          # images are resized (bilinear, antialiased) when this differs from the stored size
+        mean=(0.5, 0.5, 0.5),   # in [0, 1] pixel units
+        std=(0.5, 0.5, 0.5),
+        max_len=24,             # text length incl. [CLS] and [SEP]
+        tokenizer=None,         # path to tokenizer.json / vocab.txt; None = the one saved with the dataset
+        shuffle_buffer=4000,    # unused while the split is held in memory (it is shuffled whole per epoch)
+        prefetch=2,
+        train_split="train",
+        eval_split="test",
+    ))
+
+
+def load_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The dataset's TFDS builder, prepared: the embedded dataset is built on first use (offline, ~15 s)."""
+    if data_config.name not in _BUILDERS:
+        # A catalogue name would go to tfds.builder(name, data_dir=...), which may try the network (and hang for
+        # minutes here); until real datasets are wired in, refuse clearly instead.
+        raise ValueError(f"unknown dataset {data_config.name!r}; known: {', '.join(sorted(_BUILDERS))}")
+    builder = _BUILDERS[data_config.name](data_dir=data_config.data_dir)
+    if not builder.is_prepared():
+        logging.info("building %s into %s", data_config.name, builder.data_dir)
+        builder.download_and_prepare()
+    return builder
+
+
+def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
+    """`data_config.tokenizer` if set, else the default tokenizer saved with the dataset."""
+    if data_config.tokenizer:
+        return Tokenizer.from_path(data_config.tokenizer)
+    return Tokenizer.from_path(easy_vqa_captions.tokenizer_path(load_builder(data_config).data_dir))
+
+
+def class_prompts(tokenizer: Tokenizer, max_len: int) -> dict:
+    """Zero-shot prompts for every (class, template): text_ids / text_mask int32 [24, T, L] + names."""
+    prompts = easy_vqa_captions.render_prompts()
+    n_cls, n_tpl = len(prompts), len(prompts[0])
+    ids, mask = tokenizer.encode([p for row in prompts for p in row], max_len)
+    return {
+        "text_ids": ids.reshape(n_cls, n_tpl, max_len),
+        "text_mask": mask.reshape(n_cls, n_tpl, max_len),
+        "class_names": list(easy_vqa_captions.CLASS_NAMES),
+        "templates": list(easy_vqa_captions.ZERO_SHOT_TEMPLATES),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- in memory
+
+
+def _process_layout(global_batch_size: int, process_index: int | None,
+                    process_count: int | None) -> tuple[int, int, int]:
+    """(process_index, process_count, per-process batch size), defaults from JAX."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count "
+                         f"{process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+    return process_index, process_count, global_batch_size // process_count
+
+
+@functools.lru_cache(maxsize=8)
+def _load_shard(name: str, data_dir: str | None, split: str, process_index: int, process_count: int,
+                image_size: int) -> dict[str, np.ndarray]:
+    """This process's slice of `split`, decoded and resized once, as numpy arrays (cached per process).
+
+    Returns image uint8 [n, S, S, 3], label / image_id int32 [n], captions bytes [n, C] ("" padded) and
+    num_captions int32 [n].
+    """
+    config = ml_collections.ConfigDict(dict(name=name, data_dir=data_dir))
+    builder = load_builder(config)
+    shard = tfds.even_splits(split, n=process_count)[process_index]
+    ds = builder.as_dataset(split=shard, shuffle_files=False)
+
+    def select(ex):
+        image = ex["image"]
+        if image.shape[0] != image_size or image.shape[1] != image_size:
+            image = tf.image.resize(image, (image_size, image_size), antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32),
+                "image_id": tf.cast(ex["image_id"], tf.int32), "captions": ex["captions"],
+                "num_captions": tf.shape(ex["captions"])[0]}
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE).padded_batch(1024)
+    parts = list(ds.as_numpy_iterator())
+    if not parts:
+        raise ValueError(f"split {split!r} shard {process_index}/{process_count} of {name} is empty")
+    width = max(p["captions"].shape[1] for p in parts)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "image_id", "num_captions")}
+    out["captions"] = np.concatenate(
+        [np.pad(p["captions"], ((0, 0), (0, width - p["captions"].shape[1])), constant_values=b"")
+         for p in parts])
+    if out["num_captions"].min() < 1:
+        raise ValueError(f"{name} {split}: every example needs at least one caption")
+    return out
+
+
+def _normalise(image: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
+    """uint8 -> float32 (x / 255 - mean) / std."""
+    mean = tf.constant(data_config.mean, tf.float32)
+    std = tf.constant(data_config.std, tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def _to_numpy_batches(ds: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Pulls tf.data batches and tokenizes their `caption` strings on the host."""
+    for batch in ds.as_numpy_iterator():
+        captions = batch.pop("caption")
+        ids, mask = tokenizer.encode([c.decode("utf-8") for c in captions], max_len)
+        batch["text_ids"], batch["text_mask"] = ids, mask
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------- iterators
+
+
+def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, global_batch_size: int,
+                   seed: int, start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite shuffled train batches for this process; batch k is a pure function of (seed, k)."""
+    process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
+    data = _load_shard(data_config.name, data_config.data_dir, data_config.train_split, process_index,
+                       process_count, data_config.image_size)
+    n = len(data["label"])
+    images, captions = tf.constant(data["image"]), tf.constant(data["captions"])
+    num_captions, labels = tf.constant(data["num_captions"]), tf.constant(data["label"])
+    image_ids = tf.constant(data["image_id"])
+
+    # The stream: epoch after epoch of a permutation seeded by (seed, epoch); batch k covers stream positions
+    # [k * b, (k + 1) * b), so a resume starts at epoch and offset divmod(k * b, n) and skips only int indices.
+    start_epoch, offset = divmod(start_step * b, n)
+
+    def epoch_indices(epoch):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int32), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(perm)
+
+    ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
+    ds = ds.skip(offset).batch(b, drop_remainder=True).enumerate(start=start_step)
+
+    def make_batch(step, idx):
+        # Caption choice seeded by (seed, step, process): deterministic, and distinct across processes.
+        draw = tf.random.stateless_uniform(
+            [b], seed=tf.stack([tf.constant(seed, tf.int64), step * process_count + process_index]),
+            minval=0, maxval=2**30, dtype=tf.int32)
+        choice = draw % tf.gather(num_captions, idx)
+        return {
+            "image": _normalise(tf.gather(images, idx), data_config),
+            "caption": tf.gather(tf.gather(captions, idx), choice, batch_dims=1),
+            "label": tf.gather(labels, idx),
+            "image_id": tf.gather(image_ids, idx),
+        }
+
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(data_config.prefetch)
+    return _to_numpy_batches(ds, tokenizer, data_config.max_len)
+
+
+def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, global_batch_size: int,
+                 split: str | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over `split` (default data_config.eval_split) with caption 0; last batch padded (mask)."""
+    split = split or data_config.eval_split
+    process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
+    data = _load_shard(data_config.name, data_config.data_dir, split, process_index, process_count,
+                       data_config.image_size)
+    n = len(data["label"])
+    total = load_builder(data_config).info.splits[split].num_examples
+    # The same number of batches on every process (even_splits gives shards of ceil or floor size).
+    num_batches = math.ceil(math.ceil(total / process_count) / b)
+    pad = num_batches * b - n
+    idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)]).astype(np.int32)
+    real = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    images = tf.constant(data["image"])
+
+    def make_batch(i, m):
+        return {
+            "image": _normalise(tf.gather(images, i), data_config),
+            "caption": tf.gather(data["captions"][:, 0], i),
+            "label": tf.gather(data["label"], i),
+            "image_id": tf.gather(data["image_id"], i),
+            "mask": m,
+        }
+
+    ds = tf.data.Dataset.from_tensor_slices((idx, real)).batch(b)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(data_config.prefetch)
+    return _to_numpy_batches(ds, tokenizer, data_config.max_len)

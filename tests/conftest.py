@@ -1,0 +1,53 @@
+"""Shared pytest fixtures: 8 fake CPU devices, configs by file name, the embedded dataset (built once, offline)."""
+
+import os
+
+# Sharding tests compare 8 devices with 1; XLA reads this flag once, before jax is first imported.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="session")
+def load_config():
+    """load_config('clip.py', 'tiny') -> the ConfigDict that `--config=configs/clip.py:tiny` gives."""
+
+    def load(filename: str, arg: str | None = None):
+        spec = importlib.util.spec_from_file_location(f"mmjax_test_config_{filename}", CONFIG_DIR / filename)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg is not None else module.get_config()
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir holding the prepared easy_vqa_captions dataset (+ its tokenizer.json).
+
+    Built once per test session into a temporary directory (~15 s). Set MMJAX_TEST_DATA_DIR to build into / reuse
+    a fixed directory instead (faster repeated local runs).
+    """
+    from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    data_dir = os.environ.get("MMJAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    config = pipeline.default_data_config()
+    config.data_dir = data_dir
+    pipeline.load_builder(config)
+    return data_dir
+
+
+@pytest.fixture
+def embedded_data_config(embedded_data_dir):
+    """A fresh default_data_config() pointing at the session's embedded dataset (safe to modify)."""
+    from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    config = pipeline.default_data_config()
+    config.data_dir = embedded_data_dir
+    return config
