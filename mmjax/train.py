@@ -11,6 +11,7 @@ checkpoints/, metrics.jsonl (one JSON record per line) and tensorboard/.
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 import math
 import os
 import sys
@@ -41,11 +42,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, prin
 # ----------------------------------------------------------------------------------------------------------------
 # State: a plain dict {step, params, opt_state}, created already sharded on the mesh.
 
+def init_params(model: nn.Module, task: Any, rng: jax.Array) -> Any:
+    """Initial parameters (boxed with their logical axis names) from a batch of one dummy example."""
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), task.dummy_batch())
+    return model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
+
+
 def abstract_params(model: nn.Module, task: Any, seed: int) -> Any:
     """Parameter shapes with their logical axis metadata, without allocating anything."""
-    def init(rng):
-        return model.init({"params": rng, "dropout": rng}, task.dummy_batch(), train=False)["params"]
-    return jax.eval_shape(init, jax.random.key(seed))
+    return jax.eval_shape(functools.partial(init_params, model, task), jax.random.key(seed))
 
 
 def create_train_state(model: nn.Module, task: Any, tx: optax.GradientTransformation, mesh, rules, seed: int,
@@ -61,8 +66,7 @@ def create_train_state(model: nn.Module, task: Any, tx: optax.GradientTransforma
     shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
 
     def init(rng):
-        params = nn.meta.unbox(
-            model.init({"params": rng, "dropout": rng}, task.dummy_batch(), train=False)["params"])
+        params = nn.meta.unbox(init_params(model, task, rng))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -234,9 +238,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+class _OnlyOurInfo(std_logging.Filter):
+    """Keeps INFO lines from mmjax only: orbax, jax and tfds log every internal step at INFO through absl."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f"{os.sep}mmjax{os.sep}" in record.pathname
+
+
 def main(argv: list[str]) -> None:
     """CLI entry point."""
     del argv
+    if logging.get_verbosity() < logging.DEBUG:
+        logging.get_absl_handler().addFilter(_OnlyOurInfo())
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")

@@ -34,6 +34,7 @@ from typing import Iterator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TF import to quiet its C++ logging
 
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -56,12 +57,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The data config with its defaults (the embedded dataset, 64x64 images, 24 tokens)."""
     return ml_collections.ConfigDict(dict(
         name="easy_vqa_captions",
-        data_dir=None,          # None = the TFDS default (~/tensorflow_datasets)
+        data_dir=config_dict.placeholder(str),  # None = the TFDS default (~/tensorflow_datasets)
         image_size=64,          # images are resized (bilinear, antialiased) when this differs from the stored size
         mean=(0.5, 0.5, 0.5),   # in [0, 1] pixel units
         std=(0.5, 0.5, 0.5),
         max_len=24,             # text length incl. [CLS] and [SEP]
-        tokenizer=None,         # path to tokenizer.json / vocab.txt; None = the one saved with the dataset
+        tokenizer=config_dict.placeholder(str),  # path to tokenizer.json / vocab.txt; None = the one saved with the dataset
         shuffle_buffer=4000,    # unused while the split is held in memory (it is shuffled whole per epoch)
         prefetch=2,
         train_split="train",

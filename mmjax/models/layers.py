@@ -93,6 +93,54 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: Optional[
     )
 
 
+class HeadsProjection(nn.Module):
+    """Projects [..., E] to per-head [..., heads, head_dim] with a (embed, heads, kv) kernel.
+
+    An explicit 3-D kernel rather than nn.DenseGeneral: DenseGeneral initialises a flattened 2-D kernel, which
+    breaks the 3-name logical partitioning (and its sharding constraint) under a mesh.
+    """
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., E] -> [..., heads, head_dim]."""
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+        kernel = self.param("kernel", partitioned(init, ("embed", "heads", "kv")),
+                            (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+        y = jnp.einsum("...e,ehd->...hd", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(zeros_init, ("heads", "kv")),
+                              (self.num_heads, self.head_dim), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadsOutput(nn.Module):
+    """Merges per-head [..., heads, head_dim] back to [..., features] with a (heads, kv, embed) kernel."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., heads, head_dim] -> [..., features]."""
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+        kernel = self.param("kernel", partitioned(init, ("heads", "kv", "embed")),
+                            (x.shape[-2], x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...hd,hde->...e", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", partitioned(zeros_init, ("embed",)), (self.features,),
+                               self.param_dtype).astype(self.dtype)
+        return y
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention with separate q/k/v projections and an additive mask bias.
 
@@ -122,16 +170,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = self.head_dim or width // self.num_heads
 
-        proj = functools.partial(
-            nn.DenseGeneral,
-            features=(self.num_heads, head_dim),
-            axis=-1,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(dense_init, ("embed", "heads", "kv")),
-            bias_init=partitioned(zeros_init, ("heads", "kv")),
-        )
+        proj = functools.partial(HeadsProjection, num_heads=self.num_heads, head_dim=head_dim,
+                                 use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         # Scale q (smaller than the logits tensor) rather than the [B, H, Lq, Lk] logits.
         q = proj(name="query")(x) * jnp.asarray(head_dim**-0.5, self.dtype)
         k = proj(name="key")(kv)
@@ -145,16 +185,8 @@ class MultiHeadAttention(nn.Module):
         weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
-        return nn.DenseGeneral(
-            features=self.out_features or width,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(dense_init, ("heads", "kv", "embed")),
-            bias_init=partitioned(zeros_init, ("embed",)),
-            name="out",
-        )(out)
+        return HeadsOutput(features=self.out_features or width, use_bias=self.use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out")(out)
 
 
 class MLP(nn.Module):
