@@ -20,9 +20,9 @@ from mmjax.optim import default_optimizer_config
 VARIANTS = {
     # Sized to reach >= 95% zero-shot on the embedded data in a few minutes on 2 CPU cores.
     "tiny": dict(
-        image=dict(patch_size=8, width=96, depth=3, heads=3, mlp_dim=384),
-        text=dict(width=96, depth=2, heads=3, mlp_dim=384),
-        embed_dim=96, image_size=64, max_len=24, vocab_size=None),
+        image=dict(patch_size=8, width=64, depth=2, heads=2, mlp_dim=256),
+        text=dict(width=64, depth=1, heads=2, mlp_dim=256),
+        embed_dim=64, image_size=64, max_len=24, vocab_size=None),
     # CLIP ViT-B/32: 12x768 image tower, 12x512 text tower, 512-d joint space.
     "base": dict(
         image=dict(patch_size=32, width=768, depth=12, heads=12, mlp_dim=3072),
@@ -74,10 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.05 if variant == "tiny" else 0.2
 
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=256 if variant == "tiny" else 32768,
-        steps=1200 if variant == "tiny" else 100_000,
+        batch_size=128 if variant == "tiny" else 32768,
+        steps=1500 if variant == "tiny" else 100_000,
         log_every=50,
-        eval_every=400 if variant == "tiny" else 5000,
+        eval_every=500 if variant == "tiny" else 5000,
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=500 if variant == "tiny" else 1000,
                                             retrieval_ks=(1, 5, 10)))
@@ -85,5 +85,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = sharding.default_mesh_config()
     c.sharding = ml_collections.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
     c.checkpoint = default_checkpoint_config()
-    c.checkpoint.every_steps = 200 if variant == "tiny" else 2000
+    c.checkpoint.every_steps = 250 if variant == "tiny" else 2000
     return c
