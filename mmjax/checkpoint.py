@@ -27,8 +27,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, config: Any):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.every_steps = int(config.every_steps)
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=int(config.every_steps),
             max_to_keep=int(config.keep),
             create=True,
             enable_async_checkpointing=bool(config.get("async_save", True)),
@@ -48,8 +48,10 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Saves when `step` is on the save interval (or `force`); returns whether a save started."""
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        """Saves when `step` is a multiple of `every_steps` (or `force`); returns whether a save started."""
+        if not force and step % self.every_steps:
+            return False
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""

@@ -120,7 +120,7 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
 
 
 def step_flops(compiled: Any) -> float | None:
-    """FLOPs of one compiled step from XLA's cost analysis (None where the backend does not say)."""
+    """FLOPs of one compiled step on one device, from XLA's cost analysis (None where the backend does not say)."""
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -159,6 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
         batch = task.dummy_batch(config.train.batch_size)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             flops = step_flops(step_fn.lower(state_shape, batch, jax.random.key(0)).compile())
+        # XLA costs the per-device program; the global step does that on every device.
+        flops = flops * mesh.size if flops else None
         summary = {"params": n_params, "train_step_flops": flops}
         print(f"{config.model.name}: {n_params:,} parameters; one train step at batch "
               f"{config.train.batch_size}: {flops / 1e12 if flops else float('nan'):.3f} TFLOPs")
@@ -208,12 +210,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                 steps_per_s = (step - step_last) / (now - t_last)
                 t_last, step_last = now, step
                 metrics.update(examples_per_s=steps_per_s * config.train.batch_size,
-                               flops_per_s=steps_per_s * flops)
+                               device_flops_per_s=steps_per_s * flops)
                 writer.write(step, "train", metrics)
                 eta = (config.train.steps - step) / max(steps_per_s, 1e-9)
-                logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f ex/s  %.2f GFLOP/s  ETA %s",
+                logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f ex/s  %.1f GFLOP/s/device  ETA %s",
                              step, config.train.steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
-                             metrics["examples_per_s"], metrics["flops_per_s"] / 1e9,
+                             metrics["examples_per_s"], metrics["device_flops_per_s"] / 1e9,
                              time.strftime("%H:%M:%S", time.gmtime(eta)))
 
             if step % eval_every == 0 or step == config.train.steps:
