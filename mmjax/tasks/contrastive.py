@@ -28,6 +28,12 @@ class ContrastiveTask:
         self.loss_name = config.model.get("loss", "softmax")
         if self.loss_name not in ("softmax", "sigmoid"):
             raise ValueError(f"model.loss must be 'softmax' or 'sigmoid', got {self.loss_name!r}")
+        # Jitted once here, not per evaluation: embeddings come back replicated on every process.
+        replicated = sharding.replicated(mesh)
+        self._encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"),
+                                     out_shardings=replicated)
+        self._encode_text = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="encode_text"),
+                                    out_shardings=replicated)
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of one batch, for abstract initialisation."""
@@ -58,17 +64,13 @@ class ContrastiveTask:
     def evaluate(self, params: Any) -> dict[str, float]:
         """Zero-shot accuracy over the classes and retrieval R@1/5/10 on the held-out split."""
         cfg = self.config
-        encode_image = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="encode_image"),
-                               out_shardings=sharding.replicated(self.mesh))
-        encode_text = jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"),
-                              out_shardings=sharding.replicated(self.mesh))
         images, texts, ids, labels = [], [], [], []
         for local in pipeline.eval_batches(cfg.data, self.tokenizer, global_batch_size=cfg.eval.batch_size):
             keep = np.asarray(local["mask"]) > 0
             batch = sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh)
-            # Embeddings come back replicated: every process holds the whole eval set (it is small).
-            img = np.asarray(encode_image(params, batch["image"]))
-            txt = np.asarray(encode_text(params, batch["text_ids"], batch["text_mask"]))
+            # Every process holds the whole (small) eval set's embeddings.
+            img = np.asarray(self._encode_image(params, batch["image"]))
+            txt = np.asarray(self._encode_text(params, batch["text_ids"], batch["text_mask"]))
             mask = _global_mask(keep, self.mesh)
             images.append(img[mask])
             texts.append(txt[mask])
@@ -79,9 +81,8 @@ class ContrastiveTask:
 
         prompts = pipeline.class_prompts(self.tokenizer, cfg.data.max_len)
         num_classes, num_templates, length = prompts["text_ids"].shape
-        prompt_embeds = np.asarray(jax.jit(
-            lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"))(
-                params, prompts["text_ids"].reshape(-1, length), prompts["text_mask"].reshape(-1, length)))
+        prompt_embeds = np.asarray(self._encode_text(
+            params, prompts["text_ids"].reshape(-1, length), prompts["text_mask"].reshape(-1, length)))
         class_embeds = zero_shot.class_embeddings(prompt_embeds.reshape(num_classes, num_templates, -1))
 
         metrics = {"zero_shot_acc": zero_shot.zero_shot_accuracy(image_embeds, class_embeds, labels_np)}
