@@ -299,3 +299,14 @@ def test_remat_same_loss_and_grads(clip_setup):
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g0))
     chex.assert_trees_all_close(g0, g1, atol=1e-6 * max(scale, 1.0), rtol=0)
     assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(params)
+
+
+def test_gelu_exact_custom_gradient_matches_autodiff():
+    """Our exact GELU's hand-written VJP (see layers.gelu_exact) equals autodiff of jax.nn.gelu(approximate=False)."""
+    from mmjax.models import layers
+
+    x = jnp.linspace(-6.0, 6.0, 1001)
+    np.testing.assert_allclose(layers.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-7)
+    ours = jax.grad(lambda v: jnp.sum(jnp.sin(layers.gelu_exact(v))))(x)
+    ref = jax.grad(lambda v: jnp.sum(jnp.sin(jax.nn.gelu(v, approximate=False))))(x)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)

@@ -54,8 +54,8 @@ class CLIP(nn.Module):
         self.text_encoder = TextTransformer(**{**dict(self.text), **shared})
         proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=partitioned(layers.dense_init, ("embed", "joint")))
-        self.image_projection = nn.Dense(**proj)
-        self.text_projection = nn.Dense(**proj)
+        self.image_projection = layers.Dense(**proj)
+        self.text_projection = layers.Dense(**proj)
 
         scale_init = self.logit_scale_init
         if scale_init is None:

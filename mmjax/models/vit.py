@@ -89,8 +89,8 @@ class ViT(nn.Module):
                                         (None, None, None, "embed")),
             (p, p, c, self.width), self.param_dtype,
         )
-        patches = einops.rearrange(image.astype(self.dtype), "b (h p) (w q) c -> b (h w) p q c", p=p, q=p)
-        x = jnp.einsum("bnpqc,pqcd->bnd", patches, kernel.astype(self.dtype))
+        patches = einops.rearrange(image.astype(self.dtype), "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+        x = layers.matmul_last(patches, kernel.reshape(-1, self.width).astype(self.dtype))
         if self.patch_bias:
             x = x + self.param("patch_bias", partitioned(layers.zeros_init, ("embed",)), (self.width,),
                                self.param_dtype).astype(self.dtype)
