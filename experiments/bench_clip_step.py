@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import json
 import math
@@ -170,9 +169,7 @@ def bench_ours(config, batch_size: int, steps: int, warmup: int) -> dict:
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
     state, shardings = mtrain.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
 
-    step_fn = jax.jit(functools.partial(mtrain.train_step, task=task, tx=tx, schedule=schedule),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    step_fn = mtrain.jit_train_step(task, tx, schedule, mesh, shardings)
     rng = jax.random.key(config.seed + 1)
     np_batches = synthetic_batches(2, batch_size, config.data.image_size, config.data.max_len,
                                    config.model.text.vocab_size)

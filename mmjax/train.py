@@ -86,6 +86,14 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, task: Any, tx: optax
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
+def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh,
+                   shardings: dict) -> Any:
+    """`train_step` under jax.jit with explicit in/out shardings and the state donated (updated in place)."""
+    return jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Setup checks that fail in one line, before anything is written.
 
@@ -184,9 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                                       seed=config.seed, start_step=start_step)
 
     # 5. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
-    step_fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_train_step(task, tx, schedule, mesh, shardings)
     rng = jax.random.key(config.seed + 1)
 
     # 6. Loop.

@@ -49,9 +49,7 @@ def one_step(config, devices):
     boxed = trainer.abstract_params(model, task, config.seed)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
     state, shardings = trainer.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
-    step = jax.jit(lambda s, b, r: trainer.train_step(s, b, r, task=task, tx=tx, schedule=schedule),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)))
+    step = trainer.jit_train_step(task, tx, schedule, mesh, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = sharding.make_global_batch(random_batch(config), mesh)
         state, metrics = step(state, batch, jax.random.key(1))
