@@ -299,3 +299,25 @@ def test_default_tokenizer_is_the_saved_one(embedded_data_config, tokenizer):
     embedded_data_config.tokenizer = "/no/such/vocab.txt"
     with pytest.raises(ValueError, match="tokenizer path does not exist"):
         pipeline.load_tokenizer(embedded_data_config)
+
+
+def test_hard_negative_eval_captions_change_exactly_one_attribute(embedded_data_config):
+    """Hard ITM negatives: caption 0 with only its colour (or only its shape) replaced by another one."""
+    from mmjax.data import easy_vqa_captions as evc
+
+    tok = pipeline.load_tokenizer(embedded_data_config)
+    batch = next(pipeline.eval_batches(embedded_data_config, tok, global_batch_size=64, process_index=0,
+                                       process_count=1, hard_negatives=True))
+    true = tok.decode(batch["text_ids"])
+    for key, attrs in (("other_color", evc.COLORS), ("other_shape", evc.SHAPES)):
+        neg = tok.decode(batch[f"{key}_text_ids"])
+        assert batch[f"{key}_text_mask"].shape == batch["text_mask"].shape
+        for t, n, label in zip(true, neg, batch["label"]):
+            t_words, n_words = t.split(), n.split()
+            assert len(t_words) == len(n_words)
+            diff = [(a, b) for a, b in zip(t_words, n_words) if a != b]
+            assert len(diff) == 1, (t, n)
+            old, new = diff[0]
+            assert old in attrs and new in attrs and old != new
+            color, shape = evc.COLORS[label // 3], evc.SHAPES[label % 3]
+            assert old == (color if key == "other_color" else shape)

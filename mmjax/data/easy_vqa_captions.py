@@ -248,6 +248,26 @@ def make_captions(color: str, shape: str, size: str, position: str, seed: int) -
     return [f.format(**fields) for f in forms]
 
 
+def hard_negative_captions(captions: Sequence[str], labels: Sequence[int],
+                           image_ids: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Each caption with exactly one attribute changed: (another colour, same shape), (same colour, another shape).
+
+    The replacement is a deterministic function of the image id. These are the mismatches a model can only reject
+    by grounding the changed word; random mismatches on this data are mostly rejected from colour alone.
+    """
+    other_color, other_shape = [], []
+    for caption, label, image_id in zip(captions, labels, image_ids):
+        color, shape = COLORS[int(label) // len(SHAPES)], SHAPES[int(label) % len(SHAPES)]
+        new_color = COLORS[(COLORS.index(color) + 1 + int(image_id) % (len(COLORS) - 1)) % len(COLORS)]
+        new_shape = SHAPES[(SHAPES.index(shape) + 1 + int(image_id) % (len(SHAPES) - 1)) % len(SHAPES)]
+        for word, new, out in ((color, new_color, other_color), (shape, new_shape, other_shape)):
+            changed, count = re.subn(rf"\b{word}\b", new, caption)
+            if count != 1:
+                raise ValueError(f"caption {caption!r} must name {word!r} exactly once to build a hard negative")
+            out.append(changed)
+    return other_color, other_shape
+
+
 def render_prompts() -> list[list[str]]:
     """Zero-shot prompts [class][template] for the 24 CLASS_NAMES."""
     return [[t.format(color=c, shape=s) for t in ZERO_SHOT_TEMPLATES] for c in COLORS for s in SHAPES]

@@ -166,11 +166,16 @@ def _normalise(image: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.T
 
 
 def _to_numpy_batches(ds: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -> Iterator[dict[str, np.ndarray]]:
-    """Pulls tf.data batches and tokenizes their `caption` strings on the host."""
+    """Pulls tf.data batches and tokenizes their caption strings on the host.
+
+    `caption` becomes text_ids / text_mask; any other `caption_NAME` becomes NAME_text_ids / NAME_text_mask.
+    """
     for batch in ds.as_numpy_iterator():
-        captions = batch.pop("caption")
-        ids, mask = tokenizer.encode([c.decode("utf-8") for c in captions], max_len)
-        batch["text_ids"], batch["text_mask"] = ids, mask
+        for key in [k for k in batch if k == "caption" or k.startswith("caption_")]:
+            captions = batch.pop(key)
+            prefix = "" if key == "caption" else key[len("caption_"):] + "_"
+            ids, mask = tokenizer.encode([c.decode("utf-8") for c in captions], max_len)
+            batch[prefix + "text_ids"], batch[prefix + "text_mask"] = ids, mask
         yield batch
 
 
@@ -219,9 +224,14 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 
 def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, global_batch_size: int,
-                 split: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """One ordered pass over `split` (default data_config.eval_split) with caption 0; last batch padded (mask)."""
+                 split: str | None = None, process_index: int | None = None, process_count: int | None = None,
+                 hard_negatives: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over `split` (default data_config.eval_split) with caption 0; last batch padded (mask).
+
+    With `hard_negatives`, batches also carry caption 0 with exactly one attribute changed (see
+    easy_vqa_captions.hard_negative_captions): other_color_text_ids / _mask (same shape, another colour) and
+    other_shape_text_ids / _mask (same colour, another shape), for image-text matching that tests grounding.
+    """
     split = split or data_config.eval_split
     process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
     data = _load_shard(data_config.name, data_config.data_dir, split, process_index, process_count,
@@ -235,14 +245,23 @@ def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
     real = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     images = tf.constant(data["image"])
 
+    extra = {}
+    if hard_negatives:
+        other_color, other_shape = easy_vqa_captions.hard_negative_captions(
+            [c.decode("utf-8") for c in data["captions"][:, 0]], data["label"], data["image_id"])
+        extra = {"caption_other_color": np.asarray(other_color, dtype=object).astype(bytes),
+                 "caption_other_shape": np.asarray(other_shape, dtype=object).astype(bytes)}
+
     def make_batch(i, m):
-        return {
+        batch = {
             "image": _normalise(tf.gather(images, i), data_config),
             "caption": tf.gather(data["captions"][:, 0], i),
             "label": tf.gather(data["label"], i),
             "image_id": tf.gather(data["image_id"], i),
             "mask": m,
         }
+        batch.update({k: tf.gather(v, i) for k, v in extra.items()})
+        return batch
 
     ds = tf.data.Dataset.from_tensor_slices((idx, real)).batch(b)
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(data_config.prefetch)
