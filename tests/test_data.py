@@ -321,3 +321,17 @@ def test_hard_negative_eval_captions_change_exactly_one_attribute(embedded_data_
             assert old in attrs and new in attrs and old != new
             color, shape = evc.COLORS[label // 3], evc.SHAPES[label % 3]
             assert old == (color if key == "other_color" else shape)
+
+
+def test_train_hard_negatives_follow_the_drawn_caption(embedded_data_config):
+    """Train batches' hard negatives are the drawn caption with one word changed, and the stream is unchanged."""
+    tok = pipeline.load_tokenizer(embedded_data_config)
+    kwargs = dict(global_batch_size=32, seed=3, process_index=0, process_count=1)
+    plain = next(pipeline.train_iterator(embedded_data_config, tok, **kwargs))
+    batch = next(pipeline.train_iterator(embedded_data_config, tok, hard_negatives=True, **kwargs))
+    np.testing.assert_array_equal(plain["text_ids"], batch["text_ids"])
+    np.testing.assert_array_equal(plain["image"], batch["image"])
+    for key in ("other_color", "other_shape"):
+        for t, n in zip(tok.decode(batch["text_ids"]), tok.decode(batch[f"{key}_text_ids"])):
+            diff = [(a, b) for a, b in zip(t.split(), n.split()) if a != b]
+            assert len(diff) == 1 and len(t.split()) == len(n.split()), (t, n)

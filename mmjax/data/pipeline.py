@@ -182,10 +182,29 @@ def _to_numpy_batches(ds: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -
 # ----------------------------------------------------------------------------------------------- iterators
 
 
+def _hard_negative_table(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For every caption of the shard, the caption with its colour / its shape changed (bytes [n, C])."""
+    n, c = data["captions"].shape
+    table = {"caption_other_color": np.full((n, c), b"", dtype=object),
+             "caption_other_shape": np.full((n, c), b"", dtype=object)}
+    for j in range(c):
+        real = data["num_captions"] > j
+        captions = [x.decode("utf-8") for x in data["captions"][real, j]]
+        other_color, other_shape = easy_vqa_captions.hard_negative_captions(
+            captions, data["label"][real], data["image_id"][real])
+        table["caption_other_color"][real, j] = [x.encode("utf-8") for x in other_color]
+        table["caption_other_shape"][real, j] = [x.encode("utf-8") for x in other_shape]
+    return {k: v.astype(bytes) for k, v in table.items()}
+
+
 def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, global_batch_size: int,
                    seed: int, start_step: int = 0, process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite shuffled train batches for this process; batch k is a pure function of (seed, k)."""
+                   process_count: int | None = None, hard_negatives: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite shuffled train batches for this process; batch k is a pure function of (seed, k).
+
+    With `hard_negatives`, batches also carry the drawn caption with one attribute changed (other_color_text_ids /
+    other_shape_text_ids and masks; see eval_batches), for image-text matching negatives.
+    """
     process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
     data = _load_shard(data_config.name, data_config.data_dir, data_config.train_split, process_index,
                        process_count, data_config.image_size)
@@ -205,6 +224,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
     ds = ds.skip(offset).batch(b, drop_remainder=True).enumerate(start=start_step)
+    extra = {k: tf.constant(v) for k, v in _hard_negative_table(data).items()} if hard_negatives else {}
 
     def make_batch(step, idx):
         # Caption choice seeded by (seed, step, process): deterministic, and distinct across processes.
@@ -212,12 +232,14 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             [b], seed=tf.stack([tf.constant(seed, tf.int64), step * process_count + process_index]),
             minval=0, maxval=2**30, dtype=tf.int32)
         choice = draw % tf.gather(num_captions, idx)
-        return {
+        batch = {
             "image": _normalise(tf.gather(images, idx), data_config),
             "caption": tf.gather(tf.gather(captions, idx), choice, batch_dims=1),
             "label": tf.gather(labels, idx),
             "image_id": tf.gather(image_ids, idx),
         }
+        batch.update({k: tf.gather(tf.gather(v, idx), choice, batch_dims=1) for k, v in extra.items()})
+        return batch
 
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(data_config.prefetch)
     return _to_numpy_batches(ds, tokenizer, data_config.max_len)
