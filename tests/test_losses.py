@@ -83,3 +83,150 @@ def test_contrastive_metrics():
     x = jnp.eye(3)
     m = losses.contrastive_metrics(x, x)
     assert float(m["i2t_acc"]) == 1.0 and float(m["t2i_acc"]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- masked modelling / ITM / VQA
+
+
+def _f32(x):
+    """float32 array for the function, and its float32-rounded float64 copy for the reference."""
+    x32 = np.asarray(x, np.float32)
+    return jnp.asarray(x32), x32.astype(np.float64)
+
+
+def np_masked_lm(logits, labels, mask):
+    logp = _np_log_softmax(logits, -1)
+    keep = mask > 0
+    if not keep.any():
+        return 0.0, 0.0
+    nll = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    return nll[keep].mean(), (logits.argmax(-1) == labels)[keep].mean()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_masked_lm_loss(masked):
+    rng = np.random.default_rng(0)
+    logits, logits64 = _f32(rng.normal(size=(2, 5, 7)) * 3)
+    labels = rng.integers(0, 7, size=(2, 5))
+    mask = (rng.random((2, 5)) < 0.5).astype(np.int32) if masked else np.zeros((2, 5), np.int32)
+    labels = np.where(mask > 0, labels, -100)  # ignored positions may hold anything
+    loss, acc = jax.jit(losses.masked_lm_loss)(logits, labels, mask)
+    assert loss.shape == () and loss.dtype == jnp.float32 and acc.dtype == jnp.float32
+    want_loss, want_acc = np_masked_lm(logits64, labels, mask)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc, want_acc, atol=1e-6)
+    g = jax.grad(lambda z: losses.masked_lm_loss(z, labels, mask)[0])(logits)
+    assert np.all(np.isfinite(g)) and (masked or np.all(g == 0))
+
+
+@pytest.mark.parametrize("weighted", [None, "some", "zero"])
+def test_itm_loss(weighted):
+    rng = np.random.default_rng(1)
+    logits, logits64 = _f32(rng.normal(size=(6, 2)) * 2)
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    w = {None: None, "some": np.array([1, 1, 1, 0, 1, 0.5]), "zero": np.zeros(6)}[weighted]
+    loss, acc = losses.itm_loss(logits, labels, w)
+    ww = np.ones(6) if w is None else w
+    nll = -_np_log_softmax(logits64, -1)[np.arange(6), labels]
+    correct = logits64.argmax(-1) == labels
+    den = max(ww.sum(), 1.0)
+    np.testing.assert_allclose(loss, (nll * ww).sum() / den, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(acc, (correct * ww).sum() / den, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_masked_feature_regression_loss(masked):
+    rng = np.random.default_rng(2)
+    pred, pred64 = _f32(rng.normal(size=(2, 4, 3)))
+    target, target64 = _f32(rng.normal(size=(2, 4, 3)))
+    mask = np.array([[1, 0, 1, 0], [0, 0, 0, 1]]) * masked
+    got = losses.masked_feature_regression_loss(pred, target, mask)
+    err = ((pred64 - target64) ** 2).mean(-1)
+    want = err[mask > 0].mean() if masked else 0.0
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert np.all(np.isfinite(jax.grad(losses.masked_feature_regression_loss)(pred, target, mask)))
+
+
+@pytest.mark.parametrize("hard,masked", [(False, True), (True, True), (False, False)])
+def test_masked_region_classification_loss(hard, masked):
+    rng = np.random.default_rng(3)
+    logits, logits64 = _f32(rng.normal(size=(2, 3, 5)) * 2)
+    if hard:
+        target = rng.integers(0, 5, size=(2, 3))
+        t64 = np.eye(5)[target]
+    else:
+        target, t64 = _f32(rng.dirichlet(np.ones(5), size=(2, 3)))
+        target = target.at[0, 0].set(jnp.asarray([0.0, 0.5, 0.5, 0.0, 0.0]))  # zero-mass classes: 0 log 0 = 0
+        t64[0, 0] = [0.0, 0.5, 0.5, 0.0, 0.0]
+    mask = np.array([[1, 1, 0], [0, 1, 0]]) * masked
+    got = losses.masked_region_classification_loss(logits, target, mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(t64 > 0, t64 * (np.log(t64) - _np_log_softmax(logits64, -1)), 0.0).sum(-1)
+    want = kl[mask > 0].mean() if masked else 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda z: losses.masked_region_classification_loss(z, target, mask))(logits)
+    assert np.all(np.isfinite(g))
+
+
+def np_ipot(cost, mx, my, beta=0.5, iters=50):
+    """Float64 IPOT in our layout (sigma over x, delta over y): UNITER's iterations, transposed."""
+    joint = mx[:, :, None] & my[:, None, :]
+    nx, ny = mx.sum(1, keepdims=True), my.sum(1, keepdims=True)
+    a = np.exp(-cost / beta) * joint
+    t = joint.astype(np.float64)
+    sigma = mx / np.maximum(nx, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(iters):
+            q = a * t
+            delta = np.nan_to_num(my / (ny * np.einsum("bn,bnm->bm", sigma, q)), posinf=0.0)
+            sigma = np.nan_to_num(mx / (nx * np.einsum("bnm,bm->bn", q, delta)), posinf=0.0)
+            t = sigma[:, :, None] * q * delta[:, None, :]
+    return t * joint
+
+
+@pytest.mark.parametrize("include_negatives", [True, False])
+def test_word_patch_alignment_loss(include_negatives):
+    rng = np.random.default_rng(4)
+    b, n, m, d = 3, 6, 5, 8
+    txt, txt64 = _f32(rng.normal(size=(b, n, d)))
+    img, img64 = _f32(rng.normal(size=(b, m, d)))
+    mx = np.arange(n)[None] < np.array([[6], [3], [4]])
+    my = np.arange(m)[None] < np.array([[5], [5], [2]])
+    pos = np.array([1, 0, 1])
+    got = losses.word_patch_alignment_loss(txt, mx, img, my, pos, include_negatives=include_negatives)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    cost = np.where(mx[:, :, None] & my[:, None, :], 1 - np.einsum("bnd,bmd->bnm", unit(txt64), unit(img64)), 0)
+    dist = (cost * np_ipot(cost, mx, my)).sum((1, 2))
+    want = np.where(pos, dist, -dist).sum() / b if include_negatives else dist[pos > 0].mean()
+    assert got.shape == () and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_word_patch_alignment_edge_cases():
+    txt = jnp.zeros((2, 4, 8)).at[0, 1].set(1.0)  # mostly zero vectors: normalisation must not NaN
+    img = jnp.ones((2, 3, 8))
+    mx = jnp.asarray([[1, 1, 1, 0], [0, 0, 0, 0]])  # row 1: no real words at all
+    my = jnp.ones((2, 3))
+    fn = lambda t, i: losses.word_patch_alignment_loss(t, mx, i, my, jnp.asarray([0, 0]),  # noqa: E731
+                                                       include_negatives=False)
+    assert float(jax.jit(fn)(txt, img)) == 0.0  # no positive pair
+    loss_and_grad = jax.jit(jax.value_and_grad(
+        lambda t, i: losses.word_patch_alignment_loss(t, mx, i, my, jnp.asarray([1, 1])), (0, 1)))
+    loss, g = loss_and_grad(txt, img)
+    assert np.isfinite(loss)
+    assert all(np.all(np.isfinite(x)) for x in g)
+
+
+def test_vqa_bce_loss():
+    rng = np.random.default_rng(5)
+    logits, logits64 = _f32(rng.normal(size=(3, 10)) * 4)
+    scores, scores64 = _f32(rng.choice([0.0, 0.3, 0.6, 0.9, 1.0], size=(3, 10)))
+    got = losses.vqa_bce_loss(logits, scores)
+    p = 1 / (1 + np.exp(-logits64))
+    want = -(scores64 * np.log(p) + (1 - scores64) * np.log1p(-p)).sum() / 3
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Equals ViLT's mean-BCE x num_answers; finite for huge logits.
+    np.testing.assert_allclose(got, -(scores64 * np.log(p) + (1 - scores64) * np.log1p(-p)).mean() * 10, rtol=1e-5)
+    big = losses.vqa_bce_loss(jnp.asarray([[1e4, -1e4]]), jnp.asarray([[0.0, 1.0]]))
+    np.testing.assert_allclose(big, 2e4, rtol=1e-6)
