@@ -128,3 +128,9 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
     """Turns this process's numpy batch into global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def global_numpy(local: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """The global batch of a per-process numpy array, in the row order of the global jax.Array, on every process."""
+    arr = make_global_batch({"x": local}, mesh)["x"]
+    return np.asarray(jax.jit(lambda a: a, out_shardings=replicated(mesh))(arr))

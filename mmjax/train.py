@@ -116,14 +116,15 @@ def count_params(tree: Any) -> int:
 
 
 def resolve_vocab(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
-    """Sets model.text.vocab_size from the tokenizer unless the config fixes it (it must then be large enough)."""
-    text = config.model.get("text")
-    if text is None or tokenizer is None:
+    """Sets the model's vocab_size (model.text.vocab_size or model.vocab_size) from the tokenizer unless the config
+    fixes it (it must then be large enough)."""
+    section = config.model.get("text") if "text" in config.model else config.model
+    if tokenizer is None or "vocab_size" not in section:
         return
-    if text.get("vocab_size") is None:
-        text.vocab_size = tokenizer.vocab_size
-    elif text.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.text.vocab_size={text.vocab_size} is smaller than the tokenizer's "
+    if section.get("vocab_size") is None:
+        section.vocab_size = tokenizer.vocab_size
+    elif section.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocab_size={section.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens")
 
 
@@ -148,8 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
     # 2. Tokenizer (its vocabulary sizes the text tower), model, task, optimizer.
-    tokenizer = None if dry_run and config.model.get("text", {}).get("vocab_size") else \
-        pipeline.load_tokenizer(config.data)
+    vocab_fixed = (config.model.get("text") or config.model).get("vocab_size")
+    tokenizer = None if dry_run and vocab_fixed else pipeline.load_tokenizer(config.data)
     resolve_vocab(config, tokenizer)
     model = build_model(config.model)
     task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=tokenizer)
@@ -189,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
 
     # 4. Data: each process reads its own shard; the order is a function of (seed, step), so resuming is exact.
     batches = pipeline.train_iterator(config.data, tokenizer, global_batch_size=config.train.batch_size,
-                                      seed=config.seed, start_step=start_step)
+                                      seed=config.seed, start_step=start_step, **task.data_options)
 
     # 5. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
     step_fn = jit_train_step(task, tx, schedule, mesh, shardings)

@@ -1,7 +1,9 @@
-"""Sharded training equals single-device training; parameters are really sharded; checkpoints round-trip.
+"""Sharded training (CLIP contrastive, ViLT MLM + ITM) equals single-device training; parameters are really sharded; checkpoints round-trip.
 
 The suite runs with 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 """
+
+import types
 
 import flax.linen as nn
 import jax
@@ -28,16 +30,32 @@ def small_clip_config(load_config):
     return c
 
 
+def small_vilt_config(load_config):
+    """A ViLT small enough for tests whose dims divide by 8 (fsdp) and 2 (tensor)."""
+    c = load_config("vilt.py", "tiny")
+    c.model.update(dict(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128, max_len=8,
+                        vocab_size=64))
+    c.data.image_size, c.data.max_len = 32, 8
+    c.train.batch_size = 16
+    c.optimizer.warmup_steps = 0
+    return c
+
+
+# Special token ids as the matching task needs them (the real tokenizer is not needed for a random batch).
+FAKE_TOKENIZER = types.SimpleNamespace(pad_id=0, cls_id=1, sep_id=2, mask_id=3, unk_id=4, vocab_size=64)
+
+
 def random_batch(config, seed=0):
     rng = np.random.default_rng(seed)
     b, s, length = config.train.batch_size, config.data.image_size, config.data.max_len
     lengths = rng.integers(3, length + 1, size=b)
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-    return {
-        "image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
-        "text_ids": (rng.integers(4, 64, size=(b, length)) * mask).astype(np.int32),
-        "text_mask": mask,
-    }
+    batch = {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32), "text_mask": mask}
+    for prefix in ("", "other_color_", "other_shape_"):
+        batch[prefix + "text_ids"] = (rng.integers(5, 64, size=(b, length)) * mask).astype(np.int32)
+        if prefix:
+            batch[prefix + "text_mask"] = mask
+    return batch
 
 
 def one_step(config, devices):
@@ -45,7 +63,7 @@ def one_step(config, devices):
     mesh = sharding.create_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding.rules)
     model = build_model(config.model)
-    task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=None)
+    task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=FAKE_TOKENIZER)
     boxed = trainer.abstract_params(model, task, config.seed)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
     state, shardings = trainer.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
@@ -56,10 +74,14 @@ def one_step(config, devices):
     return float(metrics["loss"]), jax.device_get(state["params"]), state, shardings, mesh
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                                  dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "d2f2t2"])
-def test_sharded_step_equals_single_device(load_config, mesh):
-    config = small_clip_config(load_config)
+MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)]
+MESH_IDS = ["data8", "fsdp8", "d2f2t2"]
+
+
+@pytest.mark.parametrize("model", ["clip", "vilt"])
+@pytest.mark.parametrize("mesh", MESHES, ids=MESH_IDS)
+def test_sharded_step_equals_single_device(load_config, mesh, model):
+    config = small_clip_config(load_config) if model == "clip" else small_vilt_config(load_config)
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     loss_1, params_1, *_ = one_step(config, jax.devices()[:1])
     config.mesh.update(mesh)

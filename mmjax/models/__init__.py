@@ -11,9 +11,10 @@ import jax.numpy as jnp
 
 from mmjax.models.clip import CLIP
 from mmjax.models.text import TextTransformer
+from mmjax.models.vilt import ViLT
 from mmjax.models.vit import ViT
 
-MODELS: dict[str, type[nn.Module]] = {"clip": CLIP}
+MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {("clip", "image"): ViT, ("clip", "text"): TextTransformer}
@@ -70,4 +71,4 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["CLIP", "MODELS", "TextTransformer", "ViT", "build_model"]
+__all__ = ["CLIP", "MODELS", "TextTransformer", "ViLT", "ViT", "build_model"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.tasks.matching import MatchingTask
 
-TASKS = {"contrastive": ContrastiveTask}
+TASKS = {"contrastive": ContrastiveTask, "matching": MatchingTask}
 
 
 def get_task(name: str, **kwargs: Any):

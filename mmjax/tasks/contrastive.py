@@ -20,6 +20,8 @@ BATCH_KEYS = ("image", "text_ids", "text_mask")
 class ContrastiveTask:
     """Symmetric InfoNCE (`loss='softmax'`) or sigmoid (`loss='sigmoid'`) loss over the global batch."""
 
+    data_options: dict = {}  # extra arguments for pipeline.train_iterator
+
     def __init__(self, model: nn.Module, config: Any, mesh: Mesh, tokenizer: Any):
         self.model = model
         self.config = config
@@ -71,11 +73,11 @@ class ContrastiveTask:
             # Every process holds the whole (small) eval set's embeddings.
             img = np.asarray(self._encode_image(params, batch["image"]))
             txt = np.asarray(self._encode_text(params, batch["text_ids"], batch["text_mask"]))
-            mask = _global_mask(keep, self.mesh)
+            mask = sharding.global_numpy(keep.astype(np.float32), self.mesh) > 0
             images.append(img[mask])
             texts.append(txt[mask])
-            ids.append(_global_numpy(local["text_ids"], self.mesh)[mask])
-            labels.append(_global_numpy(local["label"], self.mesh)[mask])
+            ids.append(sharding.global_numpy(local["text_ids"], self.mesh)[mask])
+            labels.append(sharding.global_numpy(local["label"], self.mesh)[mask])
         image_embeds, text_embeds = np.concatenate(images), np.concatenate(texts)
         labels_np, keys = np.concatenate(labels), retrieval.caption_keys(np.concatenate(ids))
 
@@ -90,14 +92,3 @@ class ContrastiveTask:
         metrics["i2t_r@1_chance"] = retrieval.chance_recall(keys, 1)
         metrics["num_examples"] = float(len(labels_np))
         return metrics
-
-
-def _global_numpy(local: np.ndarray, mesh: Mesh) -> np.ndarray:
-    """The global batch of a per-process numpy array, in the same row order as the global jax.Array."""
-    arr = sharding.make_global_batch({"x": local}, mesh)["x"]
-    return np.asarray(jax.jit(lambda a: a, out_shardings=sharding.replicated(mesh))(arr))
-
-
-def _global_mask(local_keep: np.ndarray, mesh: Mesh) -> np.ndarray:
-    """Global boolean mask of real (non-padding) eval rows."""
-    return _global_numpy(local_keep.astype(np.float32), mesh) > 0

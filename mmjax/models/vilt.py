@@ -1,0 +1,276 @@
+"""ViLT (Kim et al. 2021): one transformer over BERT word embeddings and linearly projected image patches.
+
+    text:  word + position + token-type -> LN                         (BERT embeddings)
+    image: patch projection (+[MASK] patch for MPP) + interpolated position; [cls] first    (ViT embeddings)
+    both + modality-type embedding (text 0, image 1) -> concat [text; image] -> Encoder -> final LN (pre-LN)
+    pooled = tanh(Dense(token 0)) (the text [CLS]); heads: MLM (tied decoder), ITM (2-way), MPP (patch pixels)
+
+Layout and defaults follow Hugging Face `ViltModel` (pre-LN blocks with a final LayerNorm, eps 1e-12, exact GELU,
+cls/position/modality embeddings), so its weights map one-to-one; the defaults are the ViLT-B/32 shapes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.layers import Array, Dtype, partitioned
+
+REQUIRED_KEYS = ("image", "text_ids", "text_mask")
+
+
+def patchify(image: Array, patch_size: int) -> Array:
+    """image [B, H, W, C] -> patches [B, N, p*p*C] in raster order, pixels (row, col, channel) within a patch.
+
+    The same layout as the patch projection's input and as `mpp_pred`, so MPP targets are `patchify(image, p)`.
+    """
+    p = patch_size
+    return einops.rearrange(image, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+
+
+def interpolate_pos_embedding(table: Array, grid: tuple[int, int], new_grid: tuple[int, int],
+                              method: str = "bicubic") -> Array:
+    """Position table [1 + gh*gw, D] (cls row first) -> [1 + nh*nw, D] for a new patch grid.
+
+    The cls row is kept; the patch rows are resized as a 2-D grid [gh, gw, D] (jax.image.resize, half-pixel
+    centres, in float32). The same grid returns the table unchanged, so the training resolution is exact.
+    """
+    if tuple(grid) == tuple(new_grid):
+        return table
+    gh, gw = grid
+    if table.shape[0] != 1 + gh * gw:
+        raise ValueError(f"position table has {table.shape[0]} rows; grid {gh}x{gw} (+cls) needs {1 + gh * gw}")
+    cls, patches = table[:1], table[1:].reshape(gh, gw, table.shape[-1]).astype(jnp.float32)
+    patches = jax.image.resize(patches, (*new_grid, table.shape[-1]), method=method)
+    return jnp.concatenate([cls, patches.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)
+
+
+class HeadTransform(nn.Module):
+    """BERT prediction-head transform: Dense(width) -> activation -> LayerNorm (MLM and MPP heads)."""
+
+    activation: str = "gelu"
+    ln_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., D] -> [..., D]."""
+        # A square kernel cannot name "embed" twice (flax rejects repeated logical names); the hidden side takes
+        # "mlp", which shards it over `tensor` like the first MLP matmul.
+        x = layers.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                         kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
+                         bias_init=partitioned(layers.zeros_init, ("mlp",)), name="dense")(x)
+        x = layers.get_activation(self.activation)(x)
+        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln")(x)
+
+
+class ViLT(nn.Module):
+    """Vision-and-Language Transformer: single-stream encoder over [text tokens; image cls + patches].
+
+    `__call__(batch)` reads `image` [B, H, W, C] (any H, W divisible by patch_size: position embeddings are
+    interpolated from the image_size grid), `text_ids` / `text_mask` [B, L], optional `text_type_ids` [B, L],
+    `image_mask` ([B, N] per patch or [B, H, W] per pixel, 1 = real; default all real) and `patch_mask` [B, N]
+    (1 = replace that patch's embedding by the learned [MASK] patch, for MPP; needs mpp_head=True).
+    """
+
+    vocab_size: int = 30522
+    max_len: int = 40  # text positions
+    image_size: int = 384  # the position table covers (image_size // patch_size)^2 patches
+    patch_size: int = 32
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: Optional[int] = None  # default 4 * width
+    activation: str = "gelu"  # exact erf GELU, as BERT / HF ViLT
+    ln_epsilon: float = 1e-12  # BERT / HF ViLT (timm ViT, which ViLT starts from, uses 1e-6)
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    # HF ViltLayer (= timm ViT Block) is pre-LN with a final LayerNorm; "post" gives BERT blocks and no final LN.
+    norm: str = "pre"
+    type_vocab_size: int = 2  # BERT token types of the text
+    modality_type_vocab: int = 2  # 0 = text, 1 = image (NLVR2 uses 2 for a second image)
+    # Cap on image patches (ViLT pretrains with 200): keeps the valid patches first, in random order when a
+    # "patches" (or, in training, "dropout") rng is given, else in raster order. None = all patches.
+    max_image_len: Optional[int] = None
+    pos_interpolation: str = "bicubic"  # jax.image.resize method for other image sizes
+    mlm_head: bool = True
+    itm_head: bool = True
+    mpp_head: bool = False  # also owns the learned [MASK] patch; ViLT found MPP unhelpful, so off by default
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
+        return self.param(name, partitioned(init, names), shape, self.param_dtype)
+
+    def _embed_text(self, text_ids: Array, type_ids: Optional[Array]) -> tuple[Array, Array]:
+        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
+        b, length = text_ids.shape
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
+        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
+        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
+        typ = self._param("text_type_embedding", layers.embed_init, (None, "embed"),
+                          (self.type_vocab_size, self.width))
+        type_ids = jnp.zeros((b, length), jnp.int32) if type_ids is None else type_ids
+        # Gathers keep the tables in param dtype; only the looked-up rows are cast.
+        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
+             + jnp.take(typ, type_ids, axis=0).astype(self.dtype))
+        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_text")(x), word
+
+    def _embed_image(self, image: Array, image_mask: Optional[Array], patch_mask: Optional[Array],
+                     train: bool) -> tuple[Array, Array, Array]:
+        """Patch embeddings -> (x [B, 1+N', D], mask [B, 1+N'], patch_index [B, N'] into the full grid)."""
+        if image.ndim != 4:
+            raise ValueError(f"ViLT expects images [B, H, W, C]; got shape {image.shape}")
+        b, h, w, c = image.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
+        grid, n = (h // p, w // p), (h // p) * (w // p)
+
+        # Patch projection as rearrange + one matmul (= conv with kernel = stride = p); kernel in HWIO layout.
+        kernel = self._param("patch_kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                             (None, None, None, "embed"), (p, p, c, self.width))
+        x = layers.matmul_last(patchify(image.astype(self.dtype), p), kernel.reshape(-1, self.width).astype(self.dtype))
+        x = x + self._param("patch_bias", layers.zeros_init, ("embed",), (self.width,)).astype(self.dtype)
+
+        # Created whenever the MPP head is on, so `init` without a patch_mask still makes it.
+        mask_patch = self._param("mask_patch", layers.embed_init, ("embed",), (self.width,)) if self.mpp_head else None
+        if patch_mask is not None:
+            if not self.mpp_head:
+                # The [MASK] patch is an MPP parameter; without the head it would be missing from `init`.
+                raise ValueError("batch key 'patch_mask' needs mpp_head=True (it owns the [MASK] patch)")
+            if patch_mask.shape != (b, n):
+                raise ValueError(f"patch_mask must be [B, N] = {(b, n)}; got {patch_mask.shape}")
+            # ViLT's MPP swaps the projected patch for a learned [MASK] patch before positions are added, so the
+            # model still knows where the masked patch is.
+            x = jnp.where(patch_mask[..., None] > 0, mask_patch.astype(self.dtype), x)
+
+        base_grid = (self.image_size // p,) * 2
+        table = self._param("image_pos_embedding", layers.embed_init, ("length", "embed"),
+                            (1 + base_grid[0] * base_grid[1], self.width))
+        table = interpolate_pos_embedding(table, base_grid, grid, self.pos_interpolation)
+        x = x + table[1:].astype(self.dtype)[None]
+
+        if image_mask is None:
+            image_mask = jnp.ones((b, n), jnp.int32)
+        elif image_mask.shape == (b, h, w):
+            # Pixel mask (HF pixel_mask): a patch is real iff its top-left pixel is (HF's nearest interpolation).
+            image_mask = image_mask[:, ::p, ::p].reshape(b, n)
+        elif image_mask.shape != (b, n):
+            raise ValueError(f"image_mask must be [B, N] = {(b, n)} or [B, H, W] = {(b, h, w)}; "
+                             f"got {image_mask.shape}")
+        image_mask = image_mask.astype(jnp.int32)
+
+        patch_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        if self.max_image_len is not None and self.max_image_len < n:
+            patch_index = self._select_patches(image_mask, train)
+            x = jnp.take_along_axis(x, patch_index[..., None], axis=1)
+            image_mask = jnp.take_along_axis(image_mask, patch_index, axis=1)
+
+        cls = self._param("cls", layers.embed_init, ("embed",), (self.width,))
+        cls = (cls + table[0]).astype(self.dtype)  # the cls position row is never interpolated
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+        image_mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32), image_mask], axis=1)
+        return x, image_mask, patch_index
+
+    def _select_patches(self, image_mask: Array, train: bool) -> Array:
+        """Indices [B, max_image_len] of the kept patches: valid ones first, then padding; sorted (raster)."""
+        b, n = image_mask.shape
+        if self.has_rng("patches"):
+            tiebreak = jax.random.uniform(self.make_rng("patches"), (b, n))
+        elif train and self.has_rng("dropout"):
+            tiebreak = jax.random.uniform(self.make_rng("dropout"), (b, n))
+        else:
+            tiebreak = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32) / n, (b, n))
+        # Score < 1 for valid patches, >= 1 for padding: argsort keeps valid ones whenever there are enough.
+        order = jnp.argsort(tiebreak + (image_mask == 0), axis=1)[:, : self.max_image_len]
+        return jnp.sort(order, axis=1).astype(jnp.int32)
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, Array], *, train: bool = False, image_type: int = 1) -> dict[str, Array]:
+        """batch -> {text_tokens [B, L, D], image_tokens [B, 1+N, D], pooled [B, D], image_mask [B, 1+N],
+        patch_index [B, N], and with heads on: mlm_logits [B, L, V], itm_logits [B, 2], mpp_pred [B, N, p*p*C]}.
+
+        N is the number of image patches kept (all of them unless max_image_len caps it; patch_index says which).
+        Head outputs are float32 (the losses' softmax / regression run in float32); the rest is in `dtype`.
+        `image_type` is the modality-type id of the image tokens (NLVR2 feeds a second image as 2).
+        """
+        for key in REQUIRED_KEYS:
+            if key not in batch:
+                raise KeyError(f"ViLT needs batch key {key!r}; got keys {sorted(batch)}")
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        deterministic = not train
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        length = text_ids.shape[1]
+
+        text, word_table = self._embed_text(text_ids, batch.get("text_type_ids"))
+        image, image_mask, patch_index = self._embed_image(batch["image"], batch.get("image_mask"),
+                                                           batch.get("patch_mask"), train)
+        modality = self._param("modality_embedding", layers.embed_init, (None, "embed"),
+                               (self.modality_type_vocab, self.width)).astype(self.dtype)
+        x = jnp.concatenate([text + modality[0], image + modality[image_type]], axis=1)
+        # Sown so tests and analyses can see the encoder input (mutable=["intermediates"]; free otherwise).
+        self.sow("intermediates", "embeddings", x)
+        x = layers.constrain(nn.Dropout(self.dropout_rate)(x, deterministic=deterministic))
+
+        mask = jnp.concatenate([text_mask.astype(jnp.int32), image_mask], axis=1)
+        x = layers.Encoder(
+            depth=self.depth,
+            num_heads=self.heads,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            norm=self.norm,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            ln_epsilon=self.ln_epsilon,
+            remat=self.remat,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="encoder",
+        )(x, layers.padding_bias(mask), deterministic)
+        if self.norm == "pre":  # post-LN blocks already end in a LayerNorm
+            x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_final")(x)
+        x = layers.constrain(x)
+        text_tokens, image_tokens = x[:, :length], x[:, length:]
+
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        pooled = jnp.tanh(dense(self.width, kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
+                                bias_init=partitioned(layers.zeros_init, ("mlp",)), name="pooler")(x[:, 0]))
+        out = {
+            "text_tokens": text_tokens,
+            "image_tokens": image_tokens,
+            "pooled": layers.constrain(pooled, ("batch", "embed")),
+            "image_mask": image_mask,
+            "patch_index": patch_index,
+        }
+        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.mlm_head:
+            h = head(name="mlm_transform")(text_tokens)
+            # Decoder tied to the word embeddings (BERT/ViLT): only its bias is a new parameter.
+            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
+            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
+            out["mlm_logits"] = logits.astype(jnp.float32)
+        if self.itm_head:
+            out["itm_logits"] = dense(2, kernel_init=partitioned(layers.dense_init, ("embed", None)),
+                                      bias_init=partitioned(layers.zeros_init, (None,)),
+                                      name="itm_head")(pooled).astype(jnp.float32)
+        if self.mpp_head:
+            # Regresses the raw p*p*C pixels of every kept patch (targets: patchify(image, p), gathered with
+            # patch_index; normalise them in the loss if wanted). ViLT's own MPP head instead classifies each
+            # patch's mean RGB into 256 bins per channel; a pixel regression is the MAE/BEiT-era default.
+            p, c = self.patch_size, batch["image"].shape[-1]
+            h = head(name="mpp_transform")(image_tokens[:, 1:])
+            out["mpp_pred"] = dense(p * p * c, kernel_init=partitioned(layers.dense_init, ("embed", None)),
+                                    bias_init=partitioned(layers.zeros_init, (None,)),
+                                    name="mpp_decoder")(h).astype(jnp.float32)
+        return out
