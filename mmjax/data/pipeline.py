@@ -70,6 +70,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     ))
 
 
+def batch_shapes(data_config: ml_collections.ConfigDict, batch_size: int = 1) -> dict:
+    """jax.ShapeDtypeStructs of the model keys of a batch (image, text_ids, text_mask), for abstract init."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    size, length = data_config.image_size, data_config.max_len
+    return {
+        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
+        "text_ids": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+        "text_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+    }
+
+
 def load_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The dataset's TFDS builder, prepared: the embedded dataset is built on first use (offline, ~15 s)."""
     if data_config.name not in _BUILDERS:

@@ -373,3 +373,21 @@ class Encoder(nn.Module):
                 name=f"layer_{i}",
             )(x, bias, deterministic)
         return x
+
+
+def tower_encoder(tower: nn.Module, name: str = "encoder") -> Encoder:
+    """The Encoder of a tower module whose fields use the towers' names (depth, heads, width, mlp_dim, norm, ...)."""
+    return Encoder(
+        depth=tower.depth,
+        num_heads=tower.heads,
+        mlp_dim=tower.mlp_dim or 4 * tower.width,
+        norm=tower.norm,
+        activation=tower.activation,
+        dropout_rate=tower.dropout_rate,
+        attention_dropout_rate=tower.attention_dropout_rate,
+        ln_epsilon=tower.ln_epsilon,
+        remat=tower.remat,
+        dtype=tower.dtype,
+        param_dtype=tower.param_dtype,
+        name=name,
+    )

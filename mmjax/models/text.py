@@ -80,20 +80,7 @@ class TextTransformer(nn.Module):
         bias = layers.padding_bias(text_mask)  # [B, 1, 1, L]
         if self.causal:
             bias = bias + layers.causal_bias(length)  # [B, 1, L, L]
-        x = layers.Encoder(
-            depth=self.depth,
-            num_heads=self.heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            norm=self.norm,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            ln_epsilon=self.ln_epsilon,
-            remat=self.remat,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder",
-        )(x, bias, deterministic)
+        x = layers.tower_encoder(self)(x, bias, deterministic)
         if final_ln:
             x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_final")(x)
         tokens = layers.constrain(x)

@@ -223,20 +223,7 @@ class ViLT(nn.Module):
         x = layers.constrain(nn.Dropout(self.dropout_rate)(x, deterministic=deterministic))
 
         mask = jnp.concatenate([text_mask.astype(jnp.int32), image_mask], axis=1)
-        x = layers.Encoder(
-            depth=self.depth,
-            num_heads=self.heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            norm=self.norm,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            ln_epsilon=self.ln_epsilon,
-            remat=self.remat,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder",
-        )(x, layers.padding_bias(mask), deterministic)
+        x = layers.tower_encoder(self)(x, layers.padding_bias(mask), deterministic)
         if self.norm == "pre":  # post-LN blocks already end in a LayerNorm
             x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_final")(x)
         x = layers.constrain(x)

@@ -108,20 +108,7 @@ class ViT(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = layers.constrain(x)
 
-        x = layers.Encoder(
-            depth=self.depth,
-            num_heads=self.heads,
-            mlp_dim=mlp_dim,
-            norm=self.norm,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            ln_epsilon=self.ln_epsilon,
-            remat=self.remat,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="encoder",
-        )(x, None, deterministic)
+        x = layers.tower_encoder(self)(x, None, deterministic)
         tokens = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_post")(x)
         tokens = layers.constrain(tokens)
 

@@ -39,12 +39,7 @@ class ContrastiveTask:
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of one batch, for abstract initialisation."""
-        size, length = self.config.data.image_size, self.config.data.max_len
-        return {
-            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
-            "text_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-            "text_mask": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-        }
+        return pipeline.batch_shapes(self.config.data, batch_size)
 
     def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         """Forward pass and contrastive loss; returns (loss, metrics)."""
