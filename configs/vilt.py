@@ -14,6 +14,7 @@ from mmjax import sharding
 from mmjax.checkpoint import default_checkpoint_config
 from mmjax.data.pipeline import default_data_config
 from mmjax.optim import default_optimizer_config
+from mmjax.tasks import matching
 
 VARIANTS = {
     # First CPU-sized setting (9 min on 2 cores); shape grounding is not there yet: see README "Configs".
@@ -33,12 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     v = dict(VARIANTS[variant])
     image_size, max_len, vocab_size = v.pop("image_size"), v.pop("max_len"), v.pop("vocab_size")
 
-    c = ml_collections.ConfigDict()
+    c = matching.default_task_config(mlm=1.0, itm=1.0)
     c.seed = 0
-    c.task = "matching"
-    c.objectives = ml_collections.ConfigDict(dict(mlm=1.0, itm=1.0))
-    c.itm = ml_collections.ConfigDict(dict(negatives=dict(in_batch=1.0, other_color=1.0, other_shape=1.0)))
-    c.mlm = ml_collections.ConfigDict(dict(mask_prob=0.15))
 
     c.model = ml_collections.ConfigDict(dict(
         name="vilt", image_size=image_size, max_len=max_len, dtype="float32", remat=False,
@@ -59,8 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=64 if variant == "tiny" else 4096,
         steps=3000 if variant == "tiny" else 100_000,
         log_every=50, eval_every=1000 if variant == "tiny" else 5000))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=250 if variant == "tiny" else 1000,
-                                            retrieval_ks=(1, 5, 10)))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=250 if variant == "tiny" else 1000))
     c.mesh = sharding.default_mesh_config()
     c.sharding = ml_collections.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
     c.checkpoint = default_checkpoint_config()

@@ -61,6 +61,18 @@ def _word_units(word_ids: Array) -> Array:
     return jnp.maximum(jnp.cumsum(start, axis=1) - 1, 0)
 
 
+def word_ids_from_pieces(text_ids: Array, maskable: Array, continuation: Array) -> Array:
+    """Word ids [B, L] for whole-word masking, from the pieces themselves: a word starts at every maskable piece
+    that is not a continuation piece (`continuation` bool [V], e.g. `Tokenizer.continuation_table()`); -1 where
+    not maskable. Works on device, so masks are drawn in the step without host-side word boundaries."""
+    cont = jnp.take(jnp.asarray(continuation), text_ids, axis=0)
+    prev_maskable = jnp.pad(maskable[:, :-1], ((0, 0), (1, 0)), constant_values=False)
+    # A continuation after a special token (no word to continue) starts a word of its own.
+    start = maskable & (~cont | ~prev_maskable)
+    word = jnp.cumsum(start, axis=1) - 1
+    return jnp.where(maskable, word, -1).astype(jnp.int32)
+
+
 def _sample_non_special(rng: Array, shape: tuple[int, ...], vocab_size: int, excluded: Sequence[int]) -> Array:
     """Uniform token ids in [0, vocab_size) minus `excluded`, without rejection sampling.
 

@@ -335,3 +335,45 @@ def test_train_hard_negatives_follow_the_drawn_caption(embedded_data_config):
         for t, n in zip(tok.decode(batch["text_ids"]), tok.decode(batch[f"{key}_text_ids"])):
             diff = [(a, b) for a, b in zip(t.split(), n.split()) if a != b]
             assert len(diff) == 1 and len(t.split()) == len(n.split()), (t, n)
+
+
+def test_region_inputs_are_the_boxes_pixels_and_coverage_targets(embedded_data_config, tokenizer):
+    embedded_data_config.regions.enabled = True
+    batch = next(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=8,
+                                       process_index=0, process_count=1))
+    r, f = pipeline.num_regions(embedded_data_config), pipeline.region_feat_dim(embedded_data_config)
+    assert (r, f) == (6, 192)
+    assert batch["region_feats"].shape == (8, r, f) and batch["region_feats"].dtype == np.float32
+    assert batch["region_boxes"].shape == (8, r, 4) and batch["region_mask"].shape == (8, r)
+    assert np.all(batch["region_mask"] == 1)
+    examples = {ex["image_id"]: ex for ex in _read_split(embedded_data_config.data_dir, "test")}
+    crop = embedded_data_config.regions.crop
+    for k in range(8):
+        ex = examples[int(batch["image_id"][k])]
+        # Region 0 is the shape's measured box; region 1 the whole image; then the 2x2 grid.
+        np.testing.assert_allclose(batch["region_boxes"][k, 0], ex["bbox"], atol=1e-6)
+        np.testing.assert_allclose(batch["region_boxes"][k, 1], [0, 0, 1, 1])
+        np.testing.assert_allclose(batch["region_boxes"][k, 5], [0.5, 0.5, 1, 1])
+        # The whole-image region is the normalised image resampled to crop x crop (block means within 0.1).
+        image = batch["image"][k]
+        s = image.shape[0] // crop
+        pooled = image.reshape(crop, s, crop, s, 3).mean(axis=(1, 3))
+        assert np.abs(batch["region_feats"][k, 1].reshape(crop, crop, 3) - pooled).mean() < 0.1
+        # Soft targets: distributions; the object's own box is its class, a quadrant holding none of it is
+        # background, and the whole image splits by the box's area.
+        t = batch["region_targets"][k]
+        np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-6)
+        assert t[0].argmax() == ex["label"] and t[0, ex["label"]] == pytest.approx(1.0)
+        y0, x0, y1, x1 = ex["bbox"]
+        assert t[1, ex["label"]] == pytest.approx((y1 - y0) * (x1 - x0), abs=1e-5)
+        if y0 >= 0.5 or x0 >= 0.5:  # the box misses the top-left quadrant entirely
+            assert t[2, pipeline.NUM_REGION_CLASSES - 1] == pytest.approx(1.0)
+    shapes = pipeline.batch_shapes(embedded_data_config, 3)
+    assert shapes["region_feats"].shape == (3, r, f) and shapes["region_mask"].shape == (3, r)
+
+
+def test_continuation_table_marks_wordpiece_suffixes(tokenizer):
+    table = tokenizer.continuation_table()
+    assert table.shape == (tokenizer.vocab_size,) and table.dtype == bool
+    vocab = tokenizer._tok.get_vocab()  # pylint: disable=protected-access
+    assert all(table[i] == t.startswith("##") for t, i in vocab.items())

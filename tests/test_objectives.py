@@ -312,3 +312,19 @@ def test_ipot_empty_rows_are_zero():
 def test_content_mask():
     m = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0] * 5])
     np.testing.assert_array_equal(objectives.content_mask(m), [[0, 1, 1, 0, 0], [0] * 5, [0] * 5])
+
+
+def test_word_ids_from_pieces():
+    # vocab: 0 pad, 1 cls, 2 sep, 3 "red", 4 "circ", 5 "##le", 6 "##s"
+    continuation = np.array([False, False, False, False, False, True, True])
+    ids = jnp.array([[1, 3, 4, 5, 6, 2, 0], [1, 5, 3, 2, 0, 0, 0]])
+    mask = jnp.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]])
+    maskable = (mask > 0) & (ids > 2)
+    word_ids = objectives.word_ids_from_pieces(ids, maskable, continuation)
+    np.testing.assert_array_equal(word_ids, [[-1, 0, 1, 1, 1, -1, -1], [-1, 0, 1, -1, -1, -1, -1]])
+    # Whole-word masking with these ids masks "circ ##le ##s" together or not at all.
+    for seed in range(20):
+        _, _, chosen = objectives.mask_tokens(jax.random.key(seed), ids, mask, mask_id=7, vocab_size=8,
+                                              special_ids=[0, 1, 2], mask_prob=0.5, word_ids=word_ids)
+        row = np.asarray(chosen[0])
+        assert row[2] == row[3] == row[4]

@@ -1,4 +1,4 @@
-"""Sharded training (CLIP contrastive, ViLT MLM + ITM) equals single-device training; parameters are really sharded; checkpoints round-trip.
+"""Sharded training (CLIP contrastive; ViLT, UNITER, ViLBERT and a fusion model with MLM + ITM (+ WPA, MRFR, MRC)) equals single-device training; parameters are really sharded; checkpoints round-trip.
 
 The suite runs with 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 """
@@ -12,6 +12,7 @@ import pytest
 
 from mmjax import checkpoint, optim, sharding
 from mmjax import train as trainer
+from mmjax.data import pipeline
 from mmjax.models import build_model
 from mmjax.tasks import get_task
 
@@ -41,6 +42,23 @@ def small_vilt_config(load_config):
     return c
 
 
+def small_region_config(load_config, name):
+    """UNITER / ViLBERT / fusion, small, dims divisible by 8 and 2; region models use the embedded region layout."""
+    c = load_config(f"{name}.py")
+    if name == "fusion":
+        c.model.image.update(dict(image_size=32, patch_size=8, width=64, depth=1, heads=2, mlp_dim=128))
+        c.model.text.update(dict(max_len=8, width=64, depth=1, heads=2, mlp_dim=128, vocab_size=64))
+        c.model.fusion_args.update(dict(depth=1, mlp_dim=128))
+        c.data.image_size = 32
+    else:
+        depth = dict(depth=2) if name == "uniter" else dict(text_depth=1, co_depth=1)
+        c.model.update(dict(width=64, heads=2, mlp_dim=128, max_len=8, vocab_size=64, **depth))
+    c.data.max_len = 8
+    c.train.batch_size = 16
+    c.optimizer.warmup_steps = 0
+    return c
+
+
 # Special token ids as the matching task needs them (the real tokenizer is not needed for a random batch).
 FAKE_TOKENIZER = types.SimpleNamespace(pad_id=0, cls_id=1, sep_id=2, mask_id=3, unk_id=4, vocab_size=64)
 
@@ -55,6 +73,14 @@ def random_batch(config, seed=0):
         batch[prefix + "text_ids"] = (rng.integers(5, 64, size=(b, length)) * mask).astype(np.int32)
         if prefix:
             batch[prefix + "text_mask"] = mask
+    if config.data.regions.enabled:
+        r, f = pipeline.num_regions(config.data), pipeline.region_feat_dim(config.data)
+        batch["region_feats"] = rng.normal(size=(b, r, f)).astype(np.float32)
+        corner = rng.uniform(0, 0.5, size=(b, r, 2))
+        batch["region_boxes"] = np.concatenate([corner, corner + 0.5], axis=-1).astype(np.float32)
+        batch["region_mask"] = np.ones((b, r), np.int32)
+        batch["region_mask"][0, -2:] = 0
+        batch["region_targets"] = rng.dirichlet(np.ones(pipeline.NUM_REGION_CLASSES), size=(b, r)).astype(np.float32)
     return batch
 
 
@@ -85,6 +111,18 @@ def test_sharded_step_equals_single_device(load_config, mesh, model):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     loss_1, params_1, *_ = one_step(config, jax.devices()[:1])
     config.mesh.update(mesh)
+    loss_n, params_n, *_ = one_step(config, jax.devices())
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_1), jax.tree.leaves(params_n)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion"])
+def test_sharded_step_equals_single_device_fusion_models(load_config, model):
+    config = small_region_config(load_config, model)
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    loss_1, params_1, *_ = one_step(config, jax.devices()[:1])
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
     loss_n, params_n, *_ = one_step(config, jax.devices())
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5, atol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_1), jax.tree.leaves(params_n)):

@@ -67,19 +67,77 @@ def default_data_config() -> ml_collections.ConfigDict:
         prefetch=2,
         train_split="train",
         eval_split="test",
+        # Region inputs for region-based models (UNITER, ViLBERT); see `region_inputs`.
+        regions=dict(enabled=False, crop=8, grid=2),
     ))
 
 
+NUM_REGION_CLASSES = len(easy_vqa_captions.CLASS_NAMES) + 1  # the 24 object classes + background (last)
+
+
+def num_regions(data_config: ml_collections.ConfigDict) -> int:
+    """Regions per image: the object box, the whole image and a grid x grid tiling."""
+    return 2 + data_config.regions.grid ** 2
+
+
+def region_feat_dim(data_config: ml_collections.ConfigDict) -> int:
+    """Length of one region feature: the crop x crop x 3 normalised pixels of the box."""
+    return data_config.regions.crop ** 2 * 3
+
+
+def region_inputs(image: tf.Tensor, bbox: tf.Tensor, label: tf.Tensor,
+                  data_config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+    """Region features, boxes and soft class targets for a batch of normalised images [b, H, W, 3].
+
+    What the "detector" is, exactly: there is none. The regions are the shape's tight box (measured from its
+    pixels when the dataset was built), the whole image, and the cells of a grid x grid tiling; a region's feature
+    is the box's pixels bilinearly resampled to crop x crop x 3 (tf.image.crop_and_resize of the normalised
+    image), flattened -- honest image content, no learned features. The soft class target of a region is what a
+    detector's class distribution would approximate: the fraction of the box covered by the object's box goes to
+    the object's class (label), the rest to background (class 24). Returns region_feats float32 [b, R, F],
+    region_boxes float32 [b, R, 4] (ymin, xmin, ymax, xmax in [0, 1]), region_mask int32 [b, R] (all real) and
+    region_targets float32 [b, R, 25].
+    """
+    crop, grid = data_config.regions.crop, data_config.regions.grid
+    b = tf.shape(image)[0]
+    cells = [[i / grid, j / grid, (i + 1) / grid, (j + 1) / grid] for i in range(grid) for j in range(grid)]
+    fixed = tf.constant([[0.0, 0.0, 1.0, 1.0]] + cells, tf.float32)  # [R - 1, 4]
+    boxes = tf.concat([tf.cast(bbox, tf.float32)[:, None, :],
+                       tf.broadcast_to(fixed[None], [b, fixed.shape[0], 4])], axis=1)  # [b, R, 4]
+    r = boxes.shape[1]
+    flat = tf.reshape(boxes, [-1, 4])
+    crops = tf.image.crop_and_resize(image, flat, tf.repeat(tf.range(b), r), [crop, crop])
+    feats = tf.reshape(crops, [b, r, crop * crop * 3])
+
+    obj = boxes[:, :1, :]
+    inter_h = tf.nn.relu(tf.minimum(boxes[..., 2], obj[..., 2]) - tf.maximum(boxes[..., 0], obj[..., 0]))
+    inter_w = tf.nn.relu(tf.minimum(boxes[..., 3], obj[..., 3]) - tf.maximum(boxes[..., 1], obj[..., 1]))
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    covered = tf.clip_by_value(inter_h * inter_w / tf.maximum(area, 1e-6), 0.0, 1.0)  # [b, R]
+    onehot = tf.one_hot(label, NUM_REGION_CLASSES, dtype=tf.float32)[:, None, :]
+    background = tf.one_hot(NUM_REGION_CLASSES - 1, NUM_REGION_CLASSES, dtype=tf.float32)[None, None, :]
+    targets = covered[..., None] * onehot + (1.0 - covered[..., None]) * background
+    return {"region_feats": feats, "region_boxes": boxes, "region_mask": tf.ones([b, r], tf.int32),
+            "region_targets": targets}
+
+
 def batch_shapes(data_config: ml_collections.ConfigDict, batch_size: int = 1) -> dict:
-    """jax.ShapeDtypeStructs of the model keys of a batch (image, text_ids, text_mask), for abstract init."""
+    """jax.ShapeDtypeStructs of the model keys of a batch (image, text_ids, text_mask, and the region inputs
+    region_feats / region_boxes / region_mask when regions are enabled), for abstract init."""
     import jax  # pylint: disable=import-outside-toplevel
 
     size, length = data_config.image_size, data_config.max_len
-    return {
+    shapes = {
         "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
         "text_ids": jax.ShapeDtypeStruct((batch_size, length), np.int32),
         "text_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
     }
+    if data_config.regions.enabled:
+        r = num_regions(data_config)
+        shapes["region_feats"] = jax.ShapeDtypeStruct((batch_size, r, region_feat_dim(data_config)), np.float32)
+        shapes["region_boxes"] = jax.ShapeDtypeStruct((batch_size, r, 4), np.float32)
+        shapes["region_mask"] = jax.ShapeDtypeStruct((batch_size, r), np.int32)
+    return shapes
 
 
 def load_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -139,8 +197,8 @@ def _load_shard(name: str, data_dir: str | None, split: str, process_index: int,
                 image_size: int) -> dict[str, np.ndarray]:
     """This process's slice of `split`, decoded and resized once, as numpy arrays (cached per process).
 
-    Returns image uint8 [n, S, S, 3], label / image_id int32 [n], captions bytes [n, C] ("" padded) and
-    num_captions int32 [n].
+    Returns image uint8 [n, S, S, 3], label / image_id int32 [n], captions bytes [n, C] ("" padded),
+    num_captions int32 [n] and bbox float32 [n, 4] (the shape's normalised ymin, xmin, ymax, xmax).
     """
     config = ml_collections.ConfigDict(dict(name=name, data_dir=data_dir))
     builder = load_builder(config)
@@ -154,6 +212,7 @@ def _load_shard(name: str, data_dir: str | None, split: str, process_index: int,
             image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32),
                 "image_id": tf.cast(ex["image_id"], tf.int32), "captions": ex["captions"],
+                "bbox": tf.cast(ex["bbox"], tf.float32),
                 "num_captions": tf.shape(ex["captions"])[0]}
 
     ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE).padded_batch(1024)
@@ -161,7 +220,7 @@ def _load_shard(name: str, data_dir: str | None, split: str, process_index: int,
     if not parts:
         raise ValueError(f"split {split!r} shard {process_index}/{process_count} of {name} is empty")
     width = max(p["captions"].shape[1] for p in parts)
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "image_id", "num_captions")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "image_id", "num_captions", "bbox")}
     out["captions"] = np.concatenate(
         [np.pad(p["captions"], ((0, 0), (0, width - p["captions"].shape[1])), constant_values=b"")
          for p in parts])
@@ -223,7 +282,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     n = len(data["label"])
     images, captions = tf.constant(data["image"]), tf.constant(data["captions"])
     num_captions, labels = tf.constant(data["num_captions"]), tf.constant(data["label"])
-    image_ids = tf.constant(data["image_id"])
+    image_ids, bboxes = tf.constant(data["image_id"]), tf.constant(data["bbox"])
 
     # The stream: epoch after epoch of a permutation seeded by (seed, epoch); batch k covers stream positions
     # [k * b, (k + 1) * b), so a resume starts at epoch and offset divmod(k * b, n) and skips only int indices.
@@ -251,6 +310,8 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             "image_id": tf.gather(image_ids, idx),
         }
         batch.update({k: tf.gather(tf.gather(v, idx), choice, batch_dims=1) for k, v in extra.items()})
+        if data_config.regions.enabled:
+            batch.update(region_inputs(batch["image"], tf.gather(bboxes, idx), batch["label"], data_config))
         return batch
 
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(data_config.prefetch)
@@ -295,6 +356,8 @@ def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
             "mask": m,
         }
         batch.update({k: tf.gather(v, i) for k, v in extra.items()})
+        if data_config.regions.enabled:
+            batch.update(region_inputs(batch["image"], tf.gather(data["bbox"], i), batch["label"], data_config))
         return batch
 
     ds = tf.data.Dataset.from_tensor_slices((idx, real)).batch(b)

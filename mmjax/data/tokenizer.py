@@ -91,6 +91,13 @@ class Tokenizer:
         rows = [[int(i) for i in row if int(i) not in drop] for row in ids]
         return self._tok.decode_batch(rows, skip_special_tokens=True)
 
+    def continuation_table(self) -> np.ndarray:
+        """bool [vocab_size]: True for WordPiece continuation pieces ("##..."), which never start a word."""
+        table = np.zeros(self.vocab_size, bool)
+        for token, index in self._tok.get_vocab(with_added_tokens=True).items():
+            table[index] = token.startswith("##")
+        return table
+
     def tokenize(self, text: str) -> list[str]:
         """The word pieces of one text (no special tokens); handy to check a vocabulary covers some words."""
         return self._tok.encode(text, add_special_tokens=False).tokens

@@ -10,14 +10,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.clip import CLIP
+from mmjax.models.fusion_model import FusionModel
 from mmjax.models.text import TextTransformer
+from mmjax.models.uniter import UNITER
+from mmjax.models.vilbert import ViLBERT
 from mmjax.models.vilt import ViLT
 from mmjax.models.vit import ViT
 
-MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT}
+MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNITER, "vilbert": ViLBERT,
+                                     "fusion": FusionModel}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
-_SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {("clip", "image"): ViT, ("clip", "text"): TextTransformer}
+_SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
+    ("clip", "image"): ViT, ("clip", "text"): TextTransformer,
+    ("fusion", "image"): ViT, ("fusion", "text"): TextTransformer,
+}
 # Config keys that describe the model but are not Module fields.
 _META_KEYS = ("name", "variant")
 
@@ -71,4 +78,4 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["CLIP", "MODELS", "TextTransformer", "ViLT", "ViT", "build_model"]
+__all__ = ["CLIP", "FusionModel", "MODELS", "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "build_model"]

@@ -106,6 +106,8 @@ class ViLT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    image_cls_first = True  # image_tokens[:, 0] is the image [CLS] (word-patch alignment leaves it out)
+
     def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
         return self.param(name, partitioned(init, names), shape, self.param_dtype)
 

@@ -1,12 +1,23 @@
-"""Single-stream image-text pretraining: masked language modelling + image-text matching (ViLT-style).
+"""Single- and two-stream image-text pretraining: MLM, ITM, word-region alignment and masked region modelling.
 
-Per step, with masks and negatives drawn on device from the step's key:
-  - ITM on 2B pairs: the B true pairs and B mismatches. Each mismatch is, by `task.negatives` weights, an in-batch
-    caption of another image (never an identical caption), or the example's own caption with its colour or its
-    shape changed (the data pipeline's hard negatives, which only grounding can reject).
-  - MLM on the B true pairs with 15% of caption tokens masked (80/10/10).
-Evaluation reports ITM accuracy on true pairs, random mismatches and each kind of one-attribute mismatch, and MLM
-accuracy (overall, and on masked colour / shape words), on the held-out split.
+One task serves ViLT (patches), UNITER and ViLBERT (regions) and the generic fusion models: the model reads the
+batch keys of `pipeline.batch_shapes` and returns `itm_logits` / `mlm_logits` (+ `text_tokens`, `image_tokens`,
+`image_mask` for WPA, `mrfr_pred` / `mrc_logits` for region models). Objectives and their weights come from
+`config.objectives` (e.g. {mlm: 1, itm: 1, wpa: 0.1, mrfr: 1, mrc: 1}); masks and negatives are drawn on device
+from the step's key. One forward per step over stacked rows:
+
+  ITM rows     2B   the B true pairs and B mismatches; each mismatch is, by `itm.negatives` weights, an in-batch
+                    caption of another image (never an identical caption), or the example's own caption with its
+                    colour or its shape changed (the pipeline's hard negatives, which only grounding rejects).
+                    WPA (IPOT word-region / word-patch alignment) runs on these rows.
+  MLM rows     B    15% of caption tokens masked (80/10/10; `mlm.whole_word` masks whole words).
+  region rows  B    (MRFR / MRC) 15% of regions have their features zeroed; targets are the input features
+                    (MRFR) and the regions' soft class distributions (MRC, KL).
+  `masking = "conditional"` (UNITER) keeps MLM and region rows apart, so one modality is masked at a time and
+  the other supplies the evidence; `"joint"` (ViLBERT's masked multimodal modelling) masks both in the same B rows.
+
+Evaluation on the held-out split: ITM accuracy on true pairs, random mismatches and each kind of one-attribute
+mismatch; MLM accuracy overall and on masked colour / shape words; MRC accuracy (argmax) for region models.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -22,12 +34,33 @@ from jax.sharding import Mesh
 from mmjax import losses, objectives, sharding
 from mmjax.data import easy_vqa_captions, pipeline
 
-MODEL_KEYS = ("image", "text_ids", "text_mask")
 NEGATIVE_KINDS = ("in_batch", "other_color", "other_shape")
+OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc")
+MASKING = ("conditional", "joint")
+# Model outputs each objective needs.
+NEEDS = {"mlm": ("mlm_logits",), "itm": ("itm_logits",), "wpa": ("text_tokens", "image_tokens", "image_mask"),
+         "mrfr": ("mrfr_pred",), "mrc": ("mrc_logits",)}
+
+
+def default_task_config(**objectives: float) -> ml_collections.ConfigDict:
+    """The matching task's config sections (task, objectives with the given weights, itm, mlm, mrm, masking, wpa);
+    experiment configs start from it and add model, data, optimizer and train."""
+    unknown = sorted(set(objectives) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; known: {OBJECTIVES}")
+    c = ml_collections.ConfigDict()
+    c.task = "matching"
+    c.objectives = ml_collections.ConfigDict(objectives)
+    c.itm = ml_collections.ConfigDict(dict(negatives=dict(in_batch=1.0, other_color=1.0, other_shape=1.0)))
+    c.mlm = ml_collections.ConfigDict(dict(mask_prob=0.15, whole_word=False))
+    c.mrm = ml_collections.ConfigDict(dict(mask_prob=0.15))  # masked region modelling (MRFR / MRC)
+    c.masking = "conditional"  # UNITER; "joint" = ViLBERT's masked multimodal modelling
+    c.wpa = ml_collections.ConfigDict(dict(iterations=50))  # IPOT proximal steps (UNITER / ViLT use 50)
+    return c
 
 
 class MatchingTask:
-    """MLM + ITM for single-stream fusion models whose outputs include `mlm_logits` and `itm_logits`."""
+    """MLM + ITM (+ WPA, MRFR, MRC) for fusion models; see the module docstring for rows, masks and metrics."""
 
     data_options = {"hard_negatives": True}
 
@@ -36,35 +69,58 @@ class MatchingTask:
         self.config = config
         self.mesh = mesh
         self.tokenizer = tokenizer
-        unknown = sorted(set(config.objectives) - {"mlm", "itm"})
+        unknown = sorted(set(config.objectives) - set(OBJECTIVES))
         if unknown:
-            raise ValueError(f"objectives {unknown} are not supported by the matching task (known: mlm, itm)")
-        self.weights = {k: float(config.objectives.get(k, 0.0)) for k in ("mlm", "itm")}
+            raise ValueError(f"objectives {unknown} are not supported by the matching task (known: {OBJECTIVES})")
+        self.weights = {k: float(config.objectives.get(k, 0.0)) for k in OBJECTIVES}
+        if not any(self.weights.values()):
+            raise ValueError(f"objectives: give some weight to one of {OBJECTIVES}")
+        self.regions = bool(config.data.regions.enabled)
+        if (self.weights["mrfr"] or self.weights["mrc"]) and not self.regions:
+            raise ValueError("objectives mrfr / mrc need region inputs: set data.regions.enabled=True")
         neg = config.itm.negatives
         probs = np.array([float(neg[k]) for k in NEGATIVE_KINDS])
         if probs.sum() <= 0:
             raise ValueError(f"itm.negatives must give some weight to one of {NEGATIVE_KINDS}")
         self.negative_logits = np.log(np.maximum(probs / probs.sum(), 1e-12)).astype(np.float32)
         self.mask_prob = float(config.mlm.mask_prob)
+        self.whole_word = bool(config.mlm.whole_word)
+        self.region_mask_prob = float(config.mrm.mask_prob)
+        self.masking = config.masking
+        if self.masking not in MASKING:
+            raise ValueError(f"masking must be one of {MASKING}; got {self.masking!r}")
+        self.wpa_iterations = int(config.wpa.iterations)
+        self.continuation = tokenizer.continuation_table() if self.whole_word else None
+        self.model_keys = tuple(pipeline.batch_shapes(config.data))
+        # Models that put an image [CLS] first (ViLT) leave it out of word-patch alignment, as ViLT does.
+        self.skip_image_cls = bool(getattr(model, "image_cls_first", False))
+        outputs = ("itm_logits", "mlm_logits") + (("mrc_logits",) if self.regions else ())
 
         def forward(p, b):
             out = model.apply({"params": p}, b)
-            return {k: out[k] for k in ("itm_logits", "mlm_logits")}
+            return {k: out[k] for k in outputs if k in out}
 
         self._forward = jax.jit(forward, out_shardings=sharding.replicated(mesh))
 
     def dummy_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of one model batch, for abstract initialisation."""
-        return pipeline.batch_shapes(self.config.data, batch_size)
+        shapes = pipeline.batch_shapes(self.config.data, batch_size)
+        if self.regions:
+            shapes["region_feature_mask"] = jax.ShapeDtypeStruct(shapes["region_mask"].shape, np.int32)
+        return shapes
 
     def _special_ids(self) -> list[int]:
         tok = self.tokenizer
         return [tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id]
 
     def _mask(self, rng: jax.Array, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        word_ids = None
+        if self.whole_word:
+            maskable = (mask > 0) & ~jnp.isin(ids, jnp.asarray(self._special_ids(), ids.dtype))
+            word_ids = objectives.word_ids_from_pieces(ids, maskable, self.continuation)
         return objectives.mask_tokens(rng, ids, mask, mask_id=self.tokenizer.mask_id,
                                       vocab_size=self.tokenizer.vocab_size, special_ids=self._special_ids(),
-                                      mask_prob=self.mask_prob)
+                                      mask_prob=self.mask_prob, word_ids=word_ids)
 
     def _mismatches(self, rng: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(ids, mask, valid) of one mismatched caption per example, its kind drawn by the configured weights."""
@@ -82,35 +138,97 @@ class MatchingTask:
         valid = jnp.where(kind == 0, valid, True)
         return candidates_ids[kind, rows], candidates_mask[kind, rows], valid
 
-    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        """Weighted MLM + ITM loss; returns (loss, metrics)."""
-        k_neg, k_mlm, k_drop = jax.random.split(rng, 3)
-        neg_ids, neg_mask, neg_valid = self._mismatches(k_neg, batch)
-        masked_ids, labels, label_mask = self._mask(k_mlm, batch["text_ids"], batch["text_mask"])
-        b = batch["text_ids"].shape[0]
+    def _rows(self, batch: dict, text: tuple[jax.Array, jax.Array], region_masked: jax.Array | None) -> dict:
+        """One block of model rows: the batch's image / regions with the given text and masked regions."""
+        rows = {k: batch[k] for k in self.model_keys if k not in ("text_ids", "text_mask")}
+        rows["text_ids"], rows["text_mask"] = text
+        if self.regions:
+            zeros = jnp.zeros(batch["region_mask"].shape, jnp.int32)
+            rows["region_feature_mask"] = zeros if region_masked is None else region_masked.astype(jnp.int32)
+        return rows
 
-        # One forward over 3B rows: [true pairs (ITM) ; mismatches (ITM) ; masked true pairs (MLM)].
-        model_batch = {
-            "image": jnp.concatenate([batch["image"]] * 3),
-            "text_ids": jnp.concatenate([batch["text_ids"], neg_ids, masked_ids]),
-            "text_mask": jnp.concatenate([batch["text_mask"], neg_mask, batch["text_mask"]]),
-        }
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Weighted sum of the configured objectives; returns (loss, metrics)."""
+        k_neg, k_mlm, k_region, k_drop = jax.random.split(rng, 4)
+        w = self.weights
+        b = batch["text_ids"].shape[0]
+        text = (batch["text_ids"], batch["text_mask"])
+        blocks, offsets = [], {}
+
+        def add(name, rows):
+            offsets[name] = b * len(blocks)
+            blocks.append(rows)
+
+        if w["itm"] or w["wpa"]:
+            neg_ids, neg_mask, neg_valid = self._mismatches(k_neg, batch)
+            add("itm_true", self._rows(batch, text, None))
+            add("itm_false", self._rows(batch, (neg_ids, neg_mask), None))
+        region_masked = None
+        if self.regions and (w["mrfr"] or w["mrc"]):
+            region_masked = objectives.mask_regions(k_region, batch["region_mask"], self.region_mask_prob)
+        if w["mlm"]:
+            masked_ids, labels, label_mask = self._mask(k_mlm, *text)
+            joint = self.masking == "joint" and region_masked is not None
+            add("mlm", self._rows(batch, (masked_ids, batch["text_mask"]), region_masked if joint else None))
+            if joint:
+                offsets["regions"] = offsets["mlm"]
+        if region_masked is not None and "regions" not in offsets:
+            add("regions", self._rows(batch, text, region_masked))
+
+        model_batch = {k: jnp.concatenate([rows[k] for rows in blocks]) for k in blocks[0]}
         out = self.model.apply({"params": params}, model_batch, train=True, rngs={"dropout": k_drop})
-        itm_labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32)])
-        itm_weights = jnp.concatenate([jnp.ones((b,), jnp.float32), neg_valid.astype(jnp.float32)])
-        itm, itm_acc = losses.itm_loss(out["itm_logits"][: 2 * b], itm_labels, itm_weights)
-        mlm, mlm_acc = losses.masked_lm_loss(out["mlm_logits"][2 * b:], labels, label_mask)
-        total = self.weights["itm"] * itm + self.weights["mlm"] * mlm
-        return total, {"itm_loss": itm, "itm_acc": itm_acc, "mlm_loss": mlm, "mlm_acc": mlm_acc}
+        for name, weight in w.items():
+            missing = [k for k in NEEDS[name] if k not in out]
+            if weight and missing:
+                raise ValueError(f"objective {name!r} needs model outputs {missing}; {type(self.model).__name__} "
+                                 f"returned {sorted(out)} (is its head switched off?)")
+
+        def part(key, name):
+            return out[key][offsets[name]: offsets[name] + b]
+
+        total, metrics = jnp.zeros((), jnp.float32), {}
+        if "itm_true" in offsets:
+            itm_labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32)])
+            itm_weights = jnp.concatenate([jnp.ones((b,), jnp.float32), neg_valid.astype(jnp.float32)])
+        if w["itm"]:
+            logits = jnp.concatenate([part("itm_logits", "itm_true"), part("itm_logits", "itm_false")])
+            metrics["itm_loss"], metrics["itm_acc"] = losses.itm_loss(logits, itm_labels, itm_weights)
+            total += w["itm"] * metrics["itm_loss"]
+        if w["wpa"]:
+            txt = jnp.concatenate([part("text_tokens", "itm_true"), part("text_tokens", "itm_false")])
+            img = jnp.concatenate([part("image_tokens", "itm_true"), part("image_tokens", "itm_false")])
+            img_mask = jnp.concatenate([part("image_mask", "itm_true"), part("image_mask", "itm_false")])
+            if self.skip_image_cls:
+                img_mask = img_mask.at[:, 0].set(0)
+            txt_mask = objectives.content_mask(jnp.concatenate([batch["text_mask"], neg_mask]))
+            # Invalid negatives (an identical caption) weigh 0: drop them from both signs of the sum.
+            txt_mask = txt_mask * itm_weights[:, None].astype(txt_mask.dtype)
+            metrics["wpa_loss"] = losses.word_patch_alignment_loss(txt, txt_mask, img, img_mask, itm_labels,
+                                                                   iterations=self.wpa_iterations)
+            total += w["wpa"] * metrics["wpa_loss"]
+        if w["mlm"]:
+            metrics["mlm_loss"], metrics["mlm_acc"] = losses.masked_lm_loss(part("mlm_logits", "mlm"), labels,
+                                                                            label_mask)
+            total += w["mlm"] * metrics["mlm_loss"]
+        if w["mrfr"]:
+            metrics["mrfr_loss"] = losses.masked_feature_regression_loss(
+                part("mrfr_pred", "regions"), batch["region_feats"], region_masked)
+            total += w["mrfr"] * metrics["mrfr_loss"]
+        if w["mrc"]:
+            metrics["mrc_loss"] = losses.masked_region_classification_loss(
+                part("mrc_logits", "regions"), batch["region_targets"], region_masked)
+            total += w["mrc"] * metrics["mrc_loss"]
+        return total, metrics
 
     def evaluate(self, params: Any) -> dict[str, float]:
-        """Held-out ITM accuracy (true pairs, random and one-attribute mismatches) and MLM accuracy."""
+        """Held-out ITM accuracy (true pairs, random and one-attribute mismatches), MLM and MRC accuracy."""
         cfg = self.config
         tok = self.tokenizer
         word_id = {w: tok.encode([w], 3)[0][0][1] for w in (*easy_vqa_captions.COLORS, *easy_vqa_captions.SHAPES)}
         color_ids = np.array([word_id[w] for w in easy_vqa_captions.COLORS])
         shape_ids = np.array([word_id[w] for w in easy_vqa_captions.SHAPES])
         mask_fn = jax.jit(self._mask)
+        region_fn = jax.jit(lambda k, m: objectives.mask_regions(k, m, self.region_mask_prob))
         totals: dict[str, list[float]] = {}
 
         def add(name, correct, weight):
@@ -132,16 +250,25 @@ class MatchingTask:
                         "other_color": (local["other_color_text_ids"], local["other_color_text_mask"], 0),
                         "other_shape": (local["other_shape_text_ids"], local["other_shape_text_mask"], 0)}
             for name, (t_ids, t_mask, target) in variants.items():
-                out = self._run(params, local["image"], t_ids, t_mask)
+                out = self._run(params, local, t_ids, t_mask)
                 correct = (np.argmax(out["itm_logits"], -1) == target).astype(np.float32)
                 add(f"itm_acc_{name}", correct, real * (differs if name == "random" else 1.0))
-            out = self._run(params, local["image"], masked_ids, mask)
+            out = self._run(params, local, masked_ids, mask)
             pred = np.argmax(out["mlm_logits"], -1)
             chosen = (label_mask > 0) * real[:, None]
             hit = (pred == labels).astype(np.float32)
             add("mlm_acc", hit, chosen)
             add("mlm_acc_color_words", hit, chosen * np.isin(labels, color_ids))
             add("mlm_acc_shape_words", hit, chosen * np.isin(labels, shape_ids))
+            if self.regions and "mrc_logits" in out:
+                masked = np.asarray(region_fn(jax.random.key(10_000 + i), local["region_mask"]))
+                out = self._run(params, local, ids, mask, region_masked=masked)
+                target = np.argmax(local["region_targets"], -1)
+                hit = (np.argmax(out["mrc_logits"], -1) == target).astype(np.float32)
+                add("mrc_acc", hit, masked * real[:, None])
+                # Most boxes are mostly background; the masked regions whose majority class is an object are
+                # the ones where classifying takes evidence (the text and the other regions).
+                add("mrc_acc_object", hit, masked * real[:, None] * (target != pipeline.NUM_REGION_CLASSES - 1))
 
         metrics = {k: s[0] / max(s[1], 1.0) for k, s in totals.items()}
         # Balanced accuracies: true pairs weigh as much as the mismatches they are contrasted with.
@@ -150,9 +277,14 @@ class MatchingTask:
             metrics["itm_acc_other_color"] + metrics["itm_acc_other_shape"])
         return metrics
 
-    def _run(self, params: Any, image: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, params: Any, local: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray,
+             region_masked: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Forward one global eval batch, sharded over the mesh; outputs come back whole on every process."""
+        batch = {k: local[k] for k in self.model_keys if k not in ("text_ids", "text_mask")}
+        batch["text_ids"], batch["text_mask"] = ids, mask
+        if self.regions:
+            batch["region_feature_mask"] = (np.zeros(local["region_mask"].shape, np.int32) if region_masked is None
+                                            else region_masked.astype(np.int32))
         shard = sharding.batch_sharding(self.mesh)
-        batch = {k: jax.device_put(v, shard) for k, v in (("image", image), ("text_ids", ids), ("text_mask", mask))}
-        out = self._forward(params, batch)
-        return {k: np.asarray(out[k]) for k in ("itm_logits", "mlm_logits")}
+        out = self._forward(params, {k: jax.device_put(v, shard) for k, v in batch.items()})
+        return {k: np.asarray(v) for k, v in out.items()}

@@ -1,0 +1,193 @@
+"""UNITER (Chen et al. 2020): one transformer over BERT word embeddings and detector region features.
+
+    text:    word + position + token-type (text_type_ids, default 0) -> LN                   (BERT embeddings)
+    regions: img = LN(Dense(feat)) (masked regions' features zeroed first, boxes kept);
+             pos = LN(Dense([ymin, xmin, ymax, xmax, h, w, h*w]));  LN(img + pos + type row 1)
+    concat [text; regions] -> Encoder (post-LN BERT blocks; a final LN only when norm="pre")
+    pooled = tanh(Dense(token 0)) (the text [CLS]); heads: MLM (tied decoder), ITM (2-way),
+    MRFR (region-feature regression), MRC (region-class logits)
+
+As in UNITER, text token types and the region modality share one type table: regions take row 1. The layout and
+defaults follow the UNITER-base release (BERT-base encoder, eps 1e-12, exact GELU, 2048-d Faster R-CNN features,
+1601 Visual Genome classes); the MRFR decoder is a free Dense here (UNITER ties it to the feature projection).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.layers import Array, Dtype, partitioned
+from mmjax.models.vilt import HeadTransform
+
+REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
+
+
+def box_geometry(boxes: Array) -> Array:
+    """Normalised boxes [..., 4] (ymin, xmin, ymax, xmax) -> float32 geometry [..., 7] = boxes + (h, w, h*w)."""
+    boxes = boxes.astype(jnp.float32)
+    h = boxes[..., 2] - boxes[..., 0]
+    w = boxes[..., 3] - boxes[..., 1]
+    return jnp.concatenate([boxes, jnp.stack([h, w, h * w], axis=-1)], axis=-1)
+
+
+class UNITER(nn.Module):
+    """UNiversal Image-TExt Representation: single-stream encoder over [text tokens; region tokens].
+
+    `__call__(batch)` reads `text_ids` / `text_mask` [B, L] (1 = real), optional `text_type_ids` [B, L],
+    `region_feats` [B, R, region_feat_dim], `region_boxes` [B, R, 4] (normalised ymin, xmin, ymax, xmax),
+    `region_mask` [B, R] (1 = real region) and optional `region_feature_mask` [B, R] (1 = that region's features
+    are replaced by zeros before the embedding, for masked region modelling; its box is kept).
+    """
+
+    vocab_size: int = 30522
+    max_len: int = 40  # text positions
+    region_feat_dim: int = 2048  # Faster R-CNN (bottom-up attention) pooled features
+    num_region_classes: int = 1601  # Visual Genome 1600 object classes + background (MRC targets)
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: Optional[int] = None  # default 4 * width
+    norm: str = "post"  # BERT/UNITER blocks; "pre" adds a final LayerNorm
+    activation: str = "gelu"  # exact erf GELU, as BERT
+    ln_epsilon: float = 1e-12
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    type_vocab_size: int = 2  # shared type table: text token types, and row 1 for regions
+    mlm_head: bool = True
+    itm_head: bool = True
+    mrfr_head: bool = True
+    mrc_head: bool = True
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    image_cls_first = False  # image_tokens are the regions only (no image [CLS] for word-region alignment to skip)
+
+    def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
+        """A parameter with logical axis names, in param_dtype."""
+        return self.param(name, partitioned(init, names), shape, self.param_dtype)
+
+    def _ln(self, name: str) -> nn.LayerNorm:
+        """The model's LayerNorm (eps ln_epsilon, ("embed",) params)."""
+        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name=name)
+
+    def _dense(self, features: int, names: tuple, name: str) -> layers.Dense:
+        """layers.Dense with kernel axes `names` and bias axes names[1:]."""
+        return layers.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=partitioned(layers.dense_init, names),
+                            bias_init=partitioned(layers.zeros_init, names[1:]), name=name)
+
+    def _check_batch(self, batch: Mapping[str, Array]) -> None:
+        """Raises KeyError / ValueError (naming the key and shape) for a malformed batch."""
+        for key in REQUIRED_KEYS:
+            if key not in batch:
+                raise KeyError(f"UNITER needs batch key {key!r}; got keys {sorted(batch)}")
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.type_vocab_size < 2:
+            raise ValueError(f"type_vocab_size must be >= 2 (regions use type 1), got {self.type_vocab_size}")
+        text_shape = jnp.shape(batch["text_ids"])
+        if len(text_shape) != 2:
+            raise ValueError(f"batch key 'text_ids' must be [B, L]; got shape {text_shape}")
+        b, length = text_shape
+        if length > self.max_len:
+            raise ValueError(f"batch key 'text_ids' has length {length} > max_len {self.max_len}")
+        feats_shape = tuple(jnp.shape(batch["region_feats"]))
+        if len(feats_shape) != 3 or feats_shape[0] != b or feats_shape[2] != self.region_feat_dim:
+            raise ValueError(f"batch key 'region_feats' must be [B, R, region_feat_dim] = [{b}, R, "
+                             f"{self.region_feat_dim}]; got shape {feats_shape}")
+        r = feats_shape[1]
+        expected = {
+            "text_mask": ((b, length), "[B, L]"),
+            "text_type_ids": ((b, length), "[B, L]"),
+            "region_boxes": ((b, r, 4), "[B, R, 4]"),
+            "region_mask": ((b, r), "[B, R]"),
+            "region_feature_mask": ((b, r), "[B, R]"),
+        }
+        for key, (shape, dims) in expected.items():
+            got = None if batch.get(key) is None else tuple(jnp.shape(batch[key]))
+            if got is not None and got != shape:
+                raise ValueError(f"batch key {key!r} must be {dims} = {list(shape)}; got shape {got}")
+
+    def _embed_text(self, text_ids: Array, type_ids: Optional[Array], type_table: Array) -> tuple[Array, Array]:
+        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
+        b, length = text_ids.shape
+        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
+        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
+        type_ids = jnp.zeros((b, length), jnp.int32) if type_ids is None else type_ids
+        # Gathers keep the tables in param dtype; only the looked-up rows are cast.
+        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
+             + jnp.take(type_table, type_ids, axis=0).astype(self.dtype))
+        return self._ln("ln_text")(x), word
+
+    def _embed_regions(self, feats: Array, boxes: Array, feature_mask: Optional[Array],
+                       type_table: Array) -> Array:
+        """Region embeddings LN(LN(Dense(feat)) + LN(Dense(geometry)) + type row 1) -> [B, R, D]."""
+        if feature_mask is not None:
+            # UNITER's masked region modelling zeroes the masked regions' features; their geometry stays.
+            feats = jnp.where(feature_mask[..., None] > 0, jnp.zeros((), feats.dtype), feats)
+        img = self._ln("ln_region_feat")(self._dense(self.width, (None, "embed"), "region_feat_proj")(feats))
+        pos = self._ln("ln_region_pos")(self._dense(self.width, (None, "embed"), "region_pos_proj")(
+            box_geometry(boxes)))
+        return self._ln("ln_region")(img + pos + type_table[1].astype(self.dtype))
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
+        """batch -> {text_tokens [B, L, D], image_tokens [B, R, D], image_mask [B, R], pooled [B, D], and with
+        heads on: itm_logits [B, 2], mlm_logits [B, L, V], mrfr_pred [B, R, F], mrc_logits [B, R, C]}.
+
+        Head outputs are float32 (the losses' softmax / regression run in float32); the rest is in `dtype`.
+        """
+        self._check_batch(batch)
+        deterministic = not train
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        region_mask = jnp.asarray(batch["region_mask"]).astype(jnp.int32)
+        length = text_ids.shape[1]
+
+        type_table = self._param("type_embedding", layers.embed_init, (None, "embed"),
+                                 (self.type_vocab_size, self.width))
+        text, word_table = self._embed_text(text_ids, batch.get("text_type_ids"), type_table)
+        regions = self._embed_regions(batch["region_feats"], batch["region_boxes"],
+                                      batch.get("region_feature_mask"), type_table)
+        x = jnp.concatenate([text, regions], axis=1)
+        # Sown so tests and analyses can see the encoder input (mutable=["intermediates"]; free otherwise).
+        self.sow("intermediates", "embeddings", x)
+        x = layers.constrain(nn.Dropout(self.dropout_rate)(x, deterministic=deterministic))
+
+        mask = jnp.concatenate([text_mask.astype(jnp.int32), region_mask], axis=1)
+        x = layers.tower_encoder(self)(x, layers.padding_bias(mask), deterministic)
+        if self.norm == "pre":  # post-LN blocks already end in a LayerNorm
+            x = self._ln("ln_final")(x)
+        x = layers.constrain(x)
+        text_tokens, image_tokens = x[:, :length], x[:, length:]
+
+        pooled = jnp.tanh(self._dense(self.width, ("embed", "mlp"), "pooler")(x[:, 0]))
+        out = {
+            "text_tokens": text_tokens,
+            "image_tokens": image_tokens,
+            "image_mask": region_mask,
+            "pooled": layers.constrain(pooled, ("batch", "embed")),
+        }
+        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.itm_head:
+            out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
+        if self.mlm_head:
+            h = head(name="mlm_transform")(text_tokens)
+            # Decoder tied to the word embeddings (BERT/UNITER): only its bias is a new parameter.
+            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
+            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
+            out["mlm_logits"] = logits.astype(jnp.float32)
+        if self.mrfr_head:
+            h = head(name="mrfr_transform")(image_tokens)
+            out["mrfr_pred"] = self._dense(self.region_feat_dim, ("embed", None),
+                                           "mrfr_decoder")(h).astype(jnp.float32)
+        if self.mrc_head:
+            h = head(name="mrc_transform")(image_tokens)
+            out["mrc_logits"] = self._dense(self.num_region_classes, ("embed", None),
+                                            "mrc_decoder")(h).astype(jnp.float32)
+        return out

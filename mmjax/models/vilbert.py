@@ -1,0 +1,240 @@
+"""ViLBERT (Lu et al. 2019): two transformer streams, text and image regions, that meet only in co-attention.
+
+    text:   word + position + token-type -> LN (BERT embeddings) -> text_depth post-LN Blocks
+    image:  regions (features with region_feature_mask rows zeroed; boxes [ymin, xmin, ymax, xmax] in [0, 1])
+            -> [IMG] token first: feature = masked mean of the (masked) real region features, box = whole image
+            -> LN(Dense(feature) + Dense(5-d location [ymin, xmin, ymax, xmax, area])) -> image_depth Blocks
+    co_depth x (Co-TRM then TRM), both streams at once:
+            text'  = CrossAttentionLayer(queries text,  keys/values image)    (co-attention + FFN, post-LN)
+            image' = CrossAttentionLayer(queries image, keys/values text)
+            text, image = Block(text'), Block(image')                          (per-stream self-attention)
+    pooled = relu(Dense(text token 0)) * relu(Dense(image token 0 = [IMG]))   (element-wise product, as the
+             reference code's poolers)
+    heads:  ITM Dense(2)(pooled); MLM (tied decoder) on text tokens; MRC Dense(C) on region tokens
+
+Only co-attention mixes the streams: with co_depth=0 the text tokens never see the image. Padding is a key mask
+(`layers.padding_bias`) in every attention; padded text ids and padded regions' features and boxes are zeroed
+before embedding, so nothing written there (even inf/NaN) reaches any output. The image stream has 1 + R tokens;
+`image_tokens` returns the R region tokens (without [IMG]), aligned with `region_feats`.
+
+Simplifications and departures from the reference code (vilbert_beta / vilbert-multi-task), so its weights do not
+map one-to-one:
+  * one `width` for both streams (the paper: 768 text, 1024 image, 1024 co-attention with 8 heads);
+  * the reference location order is (xmin, ymin, xmax, ymax, area); ours follows our boxes (ymin first);
+  * the reference loader averages the [IMG] feature *before* masking regions for masked region modelling, which
+    leaks the masked features through [IMG]; here the mean is taken after masking (masked regions count as zeros).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models.fusion import CrossAttentionLayer
+from mmjax.models.layers import Array, Block, Dtype, partitioned
+from mmjax.models.vilt import HeadTransform
+
+REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
+
+
+def location_features(boxes: Array) -> Array:
+    """Boxes [..., 4] (ymin, xmin, ymax, xmax), normalised -> ViLBERT's 5-d location [..., 5] (+ box area)."""
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return jnp.concatenate([boxes, area[..., None]], axis=-1)
+
+
+class ViLBERT(nn.Module):
+    """ViLBERT two-stream encoder with co-attentional layers and its pretraining heads (MLM, ITM, MRC).
+
+    `__call__(batch)` reads `text_ids` / `text_mask` [B, L] (1 = real), optional `text_type_ids` [B, L],
+    `region_feats` [B, R, region_feat_dim], `region_boxes` [B, R, 4] (normalised ymin, xmin, ymax, xmax),
+    `region_mask` [B, R] (1 = real) and optional `region_feature_mask` [B, R] (1 = replace that region's feature
+    by zeros before embedding, for masked region classification; its box is kept).
+    """
+
+    vocab_size: int = 30522
+    max_len: int = 40  # text positions
+    region_feat_dim: int = 2048  # Faster R-CNN (bottom-up attention) region features
+    num_region_classes: int = 1601  # Visual Genome detector classes (+ background): the MRC targets
+    width: int = 768  # both streams (the paper: 768 text, 1024 image)
+    text_depth: int = 6  # text-only Blocks before the first co-attentional layer
+    image_depth: int = 0  # image-only Blocks before the first co-attentional layer
+    co_depth: int = 6  # co-attentional layers (Co-TRM + TRM per stream)
+    heads: int = 12
+    mlp_dim: Optional[int] = None  # default 4 * width
+    activation: str = "gelu"  # exact erf GELU, as BERT
+    ln_epsilon: float = 1e-12
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    type_vocab_size: int = 2
+    mlm_head: bool = True
+    itm_head: bool = True
+    mrc_head: bool = True
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
+        """A parameter with logical axis `names`, in param_dtype."""
+        return self.param(name, partitioned(init, names), shape, self.param_dtype)
+
+    def _dense(self, features: int, names: tuple, name: str) -> layers.Dense:
+        """layers.Dense with kernel axes `names` and bias axes (names[1],)."""
+        return layers.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=partitioned(layers.dense_init, names),
+                            bias_init=partitioned(layers.zeros_init, (names[1],)), name=name)
+
+    def _ln(self, name: str) -> nn.LayerNorm:
+        """A logically partitioned LayerNorm with this model's epsilon."""
+        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name=name)
+
+    def _layer_kwargs(self) -> dict:
+        """Fields shared by every Block and CrossAttentionLayer (all post-LN, as BERT/ViLBERT)."""
+        return dict(num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width, norm="post",
+                    activation=self.activation, dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, ln_epsilon=self.ln_epsilon,
+                    dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _validate(self, batch: Mapping[str, Array]) -> dict[str, Array]:
+        """Checks keys and shapes; returns the inputs as arrays, masks as int32 0/1, optional ones filled in."""
+        for key in REQUIRED_KEYS:
+            if key not in batch:
+                raise KeyError(f"ViLBERT needs batch key {key!r}; got keys {sorted(batch)}")
+        x = {k: jnp.asarray(batch[k]) for k in REQUIRED_KEYS}
+        if x["text_ids"].ndim != 2:
+            raise ValueError(f"text_ids must be [B, L]; got shape {x['text_ids'].shape}")
+        b, length = x["text_ids"].shape
+        if length > self.max_len:
+            raise ValueError(f"text length {length} (text_ids shape {x['text_ids'].shape}) exceeds max_len "
+                             f"{self.max_len}")
+        feats = x["region_feats"]
+        if feats.ndim != 3 or feats.shape[0] != b or feats.shape[2] != self.region_feat_dim:
+            raise ValueError(f"region_feats must be [B, R, region_feat_dim] = [{b}, R, {self.region_feat_dim}]; "
+                             f"got shape {feats.shape}")
+        r = feats.shape[1]
+        x["text_type_ids"] = (jnp.zeros((b, length), jnp.int32) if batch.get("text_type_ids") is None
+                              else jnp.asarray(batch["text_type_ids"]))
+        x["region_feature_mask"] = (jnp.zeros((b, r), jnp.int32) if batch.get("region_feature_mask") is None
+                                    else jnp.asarray(batch["region_feature_mask"]))
+        expected = {"text_mask": (b, length), "text_type_ids": (b, length), "region_boxes": (b, r, 4),
+                    "region_mask": (b, r), "region_feature_mask": (b, r)}
+        for key, shape in expected.items():
+            if x[key].shape != shape:
+                raise ValueError(f"{key} must have shape {shape} (from text_ids {x['text_ids'].shape} and "
+                                 f"region_feats {feats.shape}); got {x[key].shape}")
+        for key in ("text_mask", "region_mask", "region_feature_mask"):
+            x[key] = (x[key] > 0).astype(jnp.int32)
+        return x
+
+    def _embed_text(self, text_ids: Array, type_ids: Array, text_mask: Array) -> tuple[Array, Array]:
+        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
+        length = text_ids.shape[1]
+        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
+        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
+        typ = self._param("text_type_embedding", layers.embed_init, (None, "embed"),
+                          (self.type_vocab_size, self.width))
+        # Padded slots look up row 0: an out-of-range id there would gather NaN, which attention's 0 weight on
+        # that key cannot cancel (0 * NaN = NaN).
+        real = text_mask > 0
+        text_ids, type_ids = jnp.where(real, text_ids, 0), jnp.where(real, type_ids, 0)
+        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
+             + jnp.take(typ, type_ids, axis=0).astype(self.dtype))
+        return self._ln("ln_text")(x), word
+
+    def _embed_image(self, feats: Array, boxes: Array, region_mask: Array, feature_mask: Array
+                     ) -> tuple[Array, Array]:
+        """Region embeddings with the [IMG] token first -> (x [B, 1+R, D], mask [B, 1+R])."""
+        b, r, _ = feats.shape
+        real = region_mask > 0
+        # Masked-out features become zeros *before* the [IMG] mean; padded regions are zeroed so that garbage
+        # there never reaches the mean or the (masked) keys.
+        feats = jnp.where((real & (feature_mask == 0))[..., None], feats.astype(jnp.float32), 0.0)
+        boxes = jnp.where(real[..., None], boxes.astype(jnp.float32), 0.0)
+        # [IMG]: mean over the real regions (float32 sum), box = the whole image.
+        count = jnp.maximum(jnp.sum(region_mask, axis=1, keepdims=True).astype(jnp.float32), 1.0)
+        img_feat = jnp.sum(feats, axis=1) / count
+        img_box = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, 4))
+        feats = jnp.concatenate([img_feat[:, None], feats], axis=1).astype(self.dtype)
+        loc = location_features(jnp.concatenate([img_box[:, None], boxes], axis=1)).astype(self.dtype)
+
+        # Input dims unnamed: 2048 detector channels / 5 location numbers are never sharded.
+        x = self._ln("ln_image")(self._dense(self.width, (None, "embed"), "region_embedding")(feats)
+                                 + self._dense(self.width, (None, "embed"), "location_embedding")(loc))
+        mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32), region_mask], axis=1)
+        return x, mask
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
+        """batch -> {text_tokens [B, L, D], image_tokens [B, R, D], image_mask [B, R], pooled [B, D], and with
+        heads on: itm_logits [B, 2], mlm_logits [B, L, V], mrc_logits [B, R, C]}.
+
+        Head outputs are float32 (the losses' softmax runs in float32); the rest is in `dtype`. Padded output
+        positions hold unspecified values.
+        """
+        x = self._validate(batch)
+        deterministic = not train
+        drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+        kw = self._layer_kwargs()
+
+        text, word_table = self._embed_text(x["text_ids"], x["text_type_ids"], x["text_mask"])
+        image, image_mask = self._embed_image(x["region_feats"], x["region_boxes"], x["region_mask"],
+                                              x["region_feature_mask"])
+        # Sown so tests and analyses can see each stream's input (mutable=["intermediates"]; free otherwise).
+        self.sow("intermediates", "text_embeddings", text)
+        self.sow("intermediates", "image_embeddings", image)
+        text, image = layers.constrain(drop(text)), layers.constrain(drop(image))
+        text_bias, image_bias = layers.padding_bias(x["text_mask"]), layers.padding_bias(image_mask)
+
+        def encoder(depth: int, name: str) -> layers.Encoder:
+            """A single-stream stack of post-LN Blocks."""
+            return layers.Encoder(depth=depth, remat=self.remat, **kw, name=name)
+
+        text = encoder(self.text_depth, "text_encoder")(text, text_bias, deterministic)
+        if self.image_depth > 0:
+            image = encoder(self.image_depth, "image_encoder")(image, image_bias, deterministic)
+
+        cross_cls, block_cls = CrossAttentionLayer, Block
+        if self.remat:
+            # static_argnums count `self` as 0; `deterministic` is a Python bool that picks code paths.
+            policy = jax.checkpoint_policies.nothing_saveable
+            cross_cls = nn.remat(CrossAttentionLayer, policy=policy, static_argnums=(4,))
+            block_cls = nn.remat(Block, policy=policy, static_argnums=(3,))
+        for i in range(self.co_depth):
+            # Both directions read this layer's inputs, not each other's outputs: the update is simultaneous.
+            new_text = cross_cls(**kw, name=f"co_{i}_text")(text, image, image_bias, deterministic)
+            new_image = cross_cls(**kw, name=f"co_{i}_image")(image, text, text_bias, deterministic)
+            text = block_cls(**kw, name=f"self_{i}_text")(new_text, text_bias, deterministic)
+            image = block_cls(**kw, name=f"self_{i}_image")(new_image, image_bias, deterministic)
+        text, image = layers.constrain(text), layers.constrain(image)
+
+        pool_names = ("embed", "mlp")  # square kernel: "embed" cannot name both dims
+        text_pooled = nn.relu(self._dense(self.width, pool_names, "text_pooler")(text[:, 0]))
+        image_pooled = nn.relu(self._dense(self.width, pool_names, "image_pooler")(image[:, 0]))
+        pooled = layers.constrain(text_pooled * image_pooled, ("batch", "embed"))
+        regions = image[:, 1:]
+        out = {"text_tokens": text, "image_tokens": regions, "image_mask": x["region_mask"], "pooled": pooled}
+
+        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.itm_head:
+            # Class dim unnamed: 2 classes never divide a mesh axis.
+            out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
+        if self.mlm_head:
+            h = head(name="mlm_transform")(text)
+            # Decoder tied to the word embeddings (BERT/ViLBERT): only its bias is a new parameter.
+            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
+            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
+            out["mlm_logits"] = logits.astype(jnp.float32)
+        if self.mrc_head:
+            # Masked region classification: predict the detector's class distribution of masked regions.
+            h = head(name="mrc_transform")(regions)
+            out["mrc_logits"] = self._dense(self.num_region_classes, ("embed", None), "mrc_decoder")(h).astype(
+                jnp.float32)
+        return out
+
+
+__all__ = ["REQUIRED_KEYS", "ViLBERT", "location_features"]

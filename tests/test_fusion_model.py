@@ -1,0 +1,201 @@
+"""FusionModel tests: every fusion block builds with shapes/finite values, logical axes, padding invariance, the
+tied MLM decoder, token sources (fused vs the encoders' own), late-fusion ITM, config handling and errors.
+
+CPU, tiny sizes, eager apply. Parameters come from `jax.eval_shape(model.init)` (the real init code, traced, with
+its logical-axis boxes) filled with numpy normals: eager random init compiles one threefry program per shape,
+which costs more here than the whole forward pass.
+"""
+import functools
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models.fusion_model import FusionModel
+from mmjax.models.text import TextTransformer
+from mmjax.models.vilt import HeadTransform
+
+B, L, V, W = 2, 6, 40, 16
+N_IMG = 1 + (16 // 8) ** 2  # cls + 2x2 patches
+IMAGE = dict(image_size=16, patch_size=8, width=W, depth=1, heads=2)
+TEXT = dict(vocab_size=V, max_len=L, width=W, depth=1, heads=2, causal=False)
+TRANSFORMER = dict(width=W, depth=1, num_heads=2)
+CONFIGS = {
+    "concat": TRANSFORMER,
+    "cross_attention": dict(TRANSFORMER, query="text"),
+    "co_attention": TRANSFORMER,
+    "bottleneck": dict(TRANSFORMER, n_bottlenecks=2),
+    "sum": dict(width=W),
+    "multiplicative_gated": dict(width=W),
+    "late": dict(width=W),
+    "shared_weights": TRANSFORMER,
+}
+# Whether text_tokens (the MLM input) can see the image, for the configs above (depth 1 throughout).
+FUSED_TEXT = {"concat": True, "cross_attention": True, "co_attention": True, "bottleneck": False, "sum": False,
+              "multiplicative_gated": False, "late": False, "shared_weights": False}
+POOLING_ONLY = ("sum", "multiplicative_gated", "late")
+LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "length", "joint", None}
+
+
+def _model(name, **kw):
+    return FusionModel(image=IMAGE, text=TEXT, fusion=name, fusion_args=CONFIGS[name], **kw)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, V, size=(B, L)).astype(np.int32)
+    mask = np.ones((B, L), np.int32)
+    mask[0, 4:] = 0  # first example right-padded
+    ids[0, 4:] = 0
+    return {"image": jnp.asarray(rng.normal(size=(B, 16, 16, 3)), jnp.float32), "text_ids": jnp.asarray(ids),
+            "text_mask": jnp.asarray(mask)}
+
+
+def _random_params(abstract, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), nn.unbox(abstract))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+    """(model, boxed abstract params, params, batch, out) per block, built once per session."""
+    model = _model(name)
+    batch = _batch()
+    abstract = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+    params = _random_params(abstract)
+    return model, abstract, params, batch, model.apply({"params": params}, batch)
+
+
+# ------------------------------------------------------------------------------- every block: shapes and axes
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shapes_finite_and_logical_axes(name):
+    model, abstract, _, _, out = _setup(name)
+    assert set(out) == {"pooled", "itm_logits", "mlm_logits", "text_tokens", "image_tokens", "image_mask"}
+    chex.assert_shape(out["pooled"], (B, W))
+    chex.assert_shape(out["itm_logits"], (B, 2))
+    chex.assert_shape(out["mlm_logits"], (B, L, V))
+    chex.assert_shape(out["text_tokens"], (B, L, W))
+    chex.assert_shape(out["image_tokens"], (B, N_IMG, W))
+    chex.assert_shape(out["image_mask"], (B, N_IMG))
+    np.testing.assert_array_equal(out["image_mask"], 1)
+    assert out["itm_logits"].dtype == out["mlm_logits"].dtype == jnp.float32
+    chex.assert_tree_all_finite(out)
+    assert model.fused_text == FUSED_TEXT[name]
+
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), type(leaf)
+        assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+        assert set(leaf.names) <= LOGICAL_NAMES, leaf.names
+        named = [n for n in leaf.names if n is not None]
+        assert len(named) == len(set(named)), leaf.names
+    assert {"image_encoder", "text_encoder", "mlm_transform", "mlm_bias"} <= set(abstract)
+    assert ("itm_head" in abstract) == (name != "late")  # late: its own fused decision is the ITM head
+
+
+# --------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("name", ["concat", "co_attention"])
+def test_padded_text_ids_change_nothing_real(name):
+    model, _, params, batch, out = _setup(name)
+    ids = np.asarray(batch["text_ids"]).copy()
+    ids[0, 4:] = [7, 33]  # garbage under mask 0
+    out2 = model.apply({"params": params}, {**batch, "text_ids": jnp.asarray(ids)})
+    np.testing.assert_allclose(out2["itm_logits"], out["itm_logits"], atol=1e-5)
+    real = np.asarray(batch["text_mask"]) > 0
+    np.testing.assert_allclose(np.asarray(out2["mlm_logits"])[real], np.asarray(out["mlm_logits"])[real], atol=1e-5)
+    np.testing.assert_allclose(out2["image_tokens"], out["image_tokens"], atol=1e-5)
+    assert not np.allclose(np.asarray(out2["mlm_logits"])[~real], np.asarray(out["mlm_logits"])[~real])
+
+
+# ----------------------------------------------------------------------------------------- heads and tokens
+
+
+def test_mlm_decoder_is_tied_to_the_token_embedding():
+    model, abstract, params, batch, out = _setup("concat")
+    vocab_sized = [path for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
+                   if V in leaf.shape]
+    assert len(vocab_sized) == 2, vocab_sized  # text_encoder/token_embedding and mlm_bias: no decoder kernel
+    h = HeadTransform(activation="gelu", ln_epsilon=1e-5).apply({"params": params["mlm_transform"]},
+                                                                out["text_tokens"])
+    expected = np.asarray(h) @ np.asarray(params["text_encoder"]["token_embedding"]).T + params["mlm_bias"]
+    np.testing.assert_allclose(out["mlm_logits"], expected, atol=1e-5)
+
+
+def test_token_sources():
+    """Pooling-only blocks hand back the encoders' own text tokens; fused blocks depend on the image."""
+    _, _, params, batch, out = _setup("sum")
+    _, own = TextTransformer(**TEXT).apply({"params": params["text_encoder"]}, batch["text_ids"],
+                                           batch["text_mask"])
+    np.testing.assert_allclose(out["text_tokens"], own, atol=1e-6)
+    model, _, params, batch, out = _setup("co_attention")
+    out2 = model.apply({"params": params}, {**batch, "image": batch["image"] + 1.0})
+    real = np.asarray(batch["text_mask"]) > 0
+    assert not np.allclose(np.asarray(out2["mlm_logits"])[real], np.asarray(out["mlm_logits"])[real], atol=1e-4)
+
+
+def test_late_itm_logits_are_the_fused_decision():
+    model, _, params, batch, out = _setup("late")
+    _, state = model.apply({"params": params}, batch, mutable=["intermediates"])
+    logits = state["intermediates"]["fusion_extras"][0]["logits"]
+    np.testing.assert_allclose(out["itm_logits"], logits, atol=1e-6)
+    assert model.fusion_kwargs()["num_classes"] == 2
+    with pytest.raises(ValueError, match="num_classes=2"):
+        FusionModel(image=IMAGE, text=TEXT, fusion="late", fusion_args=dict(num_classes=3)).fusion_kwargs()
+    FusionModel(image=IMAGE, text=TEXT, fusion="late", fusion_args=dict(num_classes=3), itm_head=False).fusion_kwargs()
+
+
+def test_fused_text_table():
+    def fused(name, **args):
+        return FusionModel(image=IMAGE, text=TEXT, fusion=name, fusion_args=args).fused_text
+
+    assert not fused("concat")  # ConcatFusion's default depth 0: a typed concatenation, nothing mixes
+    assert fused("concat", depth=1)
+    assert not fused("cross_attention", depth=1, query="image")  # text is the key/value side, only projected
+    assert fused("bottleneck")  # default depth 2, fusion_layer 0
+    assert not fused("bottleneck", depth=2, fusion_layer=1)
+    assert not fused("additive_gated")
+    assert not fused("shared_weights", depth=2)
+
+
+# ------------------------------------------------------------------------------------ config and errors
+
+
+def test_width_dicts_dtypes_and_heads_off():
+    """Traced only (eval_shape): fusion width != text width adds mlm_proj; dict/FrozenDict fields; bf16."""
+    batch = _batch()
+    model = FusionModel(image=IMAGE, text=TEXT, fusion="cross_attention",
+                        fusion_args=dict(TRANSFORMER, width=24, query="text"), dtype=jnp.bfloat16, remat=True)
+    out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), batch)
+    chex.assert_shape([out["pooled"], out["text_tokens"], out["mlm_logits"]], [(B, 24), (B, L, 24), (B, L, V)])
+    assert out["itm_logits"].dtype == out["mlm_logits"].dtype == jnp.float32
+    assert out["pooled"].dtype == jnp.bfloat16
+    assert "mlm_proj" in variables["params"]
+    assert model.fusion_kwargs()["width"] == 24 and model.fusion_kwargs()["remat"]
+
+    frozen = FusionModel(image=flax.core.FrozenDict(IMAGE), text=flax.core.FrozenDict(TEXT), fusion="concat",
+                         fusion_args=flax.core.FrozenDict(TRANSFORMER))
+    assert hash(frozen) == hash(_model("concat")) and frozen.fusion_kwargs()["width"] == W
+    plain = FusionModel(image=IMAGE, text=TEXT, fusion="sum", mlm_head=False, itm_head=False)
+    assert plain.fusion_kwargs()["width"] == W  # defaults to the text width
+    out = jax.eval_shape(plain.init_with_output, jax.random.key(0), batch)[0]
+    assert set(out) == {"pooled", "text_tokens", "image_tokens", "image_mask"}
+
+
+def test_errors():
+    batch = _batch()
+    model = _model("concat")
+    for key in ("image", "text_ids", "text_mask"):
+        with pytest.raises(KeyError, match=key):
+            model.init(jax.random.key(0), {k: v for k, v in batch.items() if k != key})
+    with pytest.raises(ValueError, match="known:"):
+        FusionModel(image=IMAGE, text=TEXT, fusion="concatt").fusion_kwargs()
+    with pytest.raises(ValueError, match="n_bottleneck"):
+        FusionModel(image=IMAGE, text=TEXT, fusion="bottleneck", fusion_args=dict(n_bottleneck=2)).fusion_kwargs()

@@ -1,0 +1,134 @@
+"""The matching task's rows and masks (conditional vs joint masking), WPA wiring and its config errors.
+
+A recording stand-in model shows exactly which rows the task feeds the model; the real models' steps are covered
+in test_sharding.py (sharded == single device) and by the training runs in the README.
+"""
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import sharding
+from mmjax.data import pipeline
+from mmjax.tasks import matching
+
+B, L, R, F, V = 4, 8, 6, 192, 64
+FAKE_TOKENIZER = types.SimpleNamespace(pad_id=0, cls_id=1, sep_id=2, mask_id=3, unk_id=4, vocab_size=V,
+                                       continuation_table=lambda: np.zeros(V, bool))
+SEEN: list[dict] = []
+MESH = sharding.create_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+class Recorder(nn.Module):
+    """Records its batch and returns zero outputs of every kind the task may read."""
+
+    image_cls_first = False
+
+    @nn.compact
+    def __call__(self, batch, *, train=False):
+        SEEN.append(jax.tree.map(np.asarray, dict(batch)))
+        n = batch["text_ids"].shape[0]
+        w = self.param("w", nn.initializers.ones, ())
+        return {"itm_logits": jnp.zeros((n, 2)) * w, "mlm_logits": jnp.zeros((n, L, V)) * w,
+                "text_tokens": jnp.ones((n, L, 4)) * w, "image_tokens": jnp.ones((n, R, 4)) * w,
+                "image_mask": jnp.ones((n, R), jnp.int32), "mrfr_pred": jnp.zeros((n, R, F)) * w,
+                "mrc_logits": jnp.zeros((n, R, pipeline.NUM_REGION_CLASSES)) * w}
+
+
+def _config(masking="conditional", regions=True, **objectives):
+    c = matching.default_task_config(**objectives)
+    c.masking = masking
+    c.data = pipeline.default_data_config()
+    c.data.max_len = L
+    c.data.regions.enabled = regions
+    return c
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((B, L), np.int32)
+    mask[:, 6:] = 0
+    batch = {"image": rng.normal(size=(B, 64, 64, 3)).astype(np.float32), "text_mask": mask,
+             "region_feats": rng.normal(size=(B, R, F)).astype(np.float32),
+             "region_boxes": np.tile(np.array([0, 0, 1, 1], np.float32), (B, R, 1)),
+             "region_mask": np.ones((B, R), np.int32),
+             "region_targets": np.full((B, R, pipeline.NUM_REGION_CLASSES), 1 / 25, np.float32)}
+    for k, prefix in enumerate(("", "other_color_", "other_shape_")):
+        ids = np.arange(L)[None] + 10 * k + 5 + 10 * np.arange(B)[:, None] % 64
+        batch[prefix + "text_ids"] = (np.minimum(ids, V - 1) * mask).astype(np.int32)
+        batch[prefix + "text_mask"] = mask
+    return batch
+
+
+def _rows(config):
+    SEEN.clear()
+    task = matching.MatchingTask(Recorder(), config, mesh=MESH, tokenizer=FAKE_TOKENIZER)
+    params = {"w": jnp.ones(())}
+    loss, metrics = task.loss(params, _batch(), jax.random.key(0))
+    assert np.isfinite(float(loss))
+    return SEEN[-1], metrics
+
+
+def test_conditional_masking_masks_one_modality_per_row_block():
+    seen, metrics = _rows(_config(mlm=1, itm=1, wpa=0.1, mrfr=1, mrc=1))
+    batch = _batch()
+    assert seen["text_ids"].shape[0] == 4 * B  # ITM true, ITM mismatch, MLM, region rows
+    true, false, mlm, region = (slice(i * B, (i + 1) * B) for i in range(4))
+    np.testing.assert_array_equal(seen["text_ids"][true], batch["text_ids"])
+    assert np.all(np.any(seen["text_ids"][false] != batch["text_ids"], axis=1))  # every mismatch differs
+    assert np.any(seen["text_ids"][mlm] != batch["text_ids"])  # text masked ...
+    assert not seen["region_feature_mask"][mlm].any()  # ... while the regions stay whole
+    np.testing.assert_array_equal(seen["text_ids"][region], batch["text_ids"])  # text whole ...
+    assert seen["region_feature_mask"][region].any(axis=1).all()  # ... while every example masks a region
+    assert not seen["region_feature_mask"][true].any() and not seen["region_feature_mask"][false].any()
+    assert set(metrics) == {"itm_loss", "itm_acc", "wpa_loss", "mlm_loss", "mlm_acc", "mrfr_loss", "mrc_loss"}
+
+
+def test_joint_masking_masks_both_in_the_same_rows():
+    seen, metrics = _rows(_config("joint", mlm=1, itm=1, mrc=1))
+    batch = _batch()
+    assert seen["text_ids"].shape[0] == 3 * B
+    mlm = slice(2 * B, 3 * B)
+    assert np.any(seen["text_ids"][mlm] != batch["text_ids"])
+    assert seen["region_feature_mask"][mlm].any(axis=1).all()
+    assert "mrc_loss" in metrics and "mrfr_loss" not in metrics
+
+
+def test_patch_models_get_no_region_keys():
+    seen, metrics = _rows(_config(regions=False, mlm=1, itm=1))
+    assert seen["text_ids"].shape[0] == 3 * B and "region_feature_mask" not in seen
+    assert "region_feats" not in seen and "image" in seen
+
+
+def test_wpa_of_identical_streams_is_zero_and_signed_by_label():
+    # Identical unit tokens on both sides: cost 0 everywhere, so the OT distance of every pair is 0.
+    _, metrics = _rows(_config(wpa=1.0))
+    assert float(metrics["wpa_loss"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_config_errors():
+    config = _config(mlm=1)
+    config.objectives.vqa = 1.0
+    with pytest.raises(ValueError, match="not supported"):
+        matching.MatchingTask(Recorder(), config, MESH, FAKE_TOKENIZER)
+    with pytest.raises(ValueError, match="data.regions.enabled"):
+        matching.MatchingTask(Recorder(), _config(regions=False, mlm=1, mrc=1), MESH, FAKE_TOKENIZER)
+    with pytest.raises(ValueError, match="masking must be"):
+        matching.MatchingTask(Recorder(), _config("both", mlm=1), MESH, FAKE_TOKENIZER)
+    with pytest.raises(ValueError, match="unknown objectives"):
+        matching.default_task_config(mlm=1, wra=1)
+
+
+def test_missing_head_output_names_the_objective():
+    class NoMrc(Recorder):
+        @nn.compact
+        def __call__(self, batch, *, train=False):
+            out = super().__call__(batch, train=train)
+            return {k: v for k, v in out.items() if k != "mrc_logits"}
+
+    task = matching.MatchingTask(NoMrc(), _config(mlm=1, mrc=1), MESH, FAKE_TOKENIZER)
+    with pytest.raises(ValueError, match="objective 'mrc' needs model outputs"):
+        task.loss({"w": jnp.ones(())}, _batch(), jax.random.key(0))
