@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     block = arg or "cross_attention"
     if block not in BLOCK_ARGS:
         raise ValueError(f"unknown fusion block {block!r}; known: {sorted(BLOCK_ARGS)}")
-    image_size, max_len = 64, 16
+    image_size, max_len = 48, 16
 
     c = matching.default_task_config(mlm=1.0, itm=1.0)
     c.seed = 0

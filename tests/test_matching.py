@@ -132,3 +132,28 @@ def test_missing_head_output_names_the_objective():
     task = matching.MatchingTask(NoMrc(), _config(mlm=1, mrc=1), MESH, FAKE_TOKENIZER)
     with pytest.raises(ValueError, match="objective 'mrc' needs model outputs"):
         task.loss({"w": jnp.ones(())}, _batch(), jax.random.key(0))
+
+
+CONFIGS = [("vilt.py", "tiny"), ("vilt.py", "base"), ("uniter.py", "tiny"), ("uniter.py", "base"),
+           ("vilbert.py", "tiny"), ("vilbert.py", "base"),
+           *[("fusion.py", block) for block in ("concat", "sum", "multiplicative_gated", "additive_gated",
+                                                "cross_attention", "co_attention", "bottleneck", "late",
+                                                "shared_weights")]]
+
+
+@pytest.mark.parametrize("filename,arg", CONFIGS, ids=[f"{f[:-3]}:{a}" for f, a in CONFIGS])
+def test_every_matching_config_builds_abstractly(load_config, filename, arg):
+    from mmjax import train as trainer  # pylint: disable=import-outside-toplevel
+    from mmjax.models import build_model  # pylint: disable=import-outside-toplevel
+
+    config = load_config(filename, arg)
+    section = config.model.text if "text" in config.model else config.model
+    if section.vocab_size is None:
+        section.vocab_size = V
+    model = build_model(config.model)
+    task = matching.MatchingTask(model, config, MESH, FAKE_TOKENIZER)
+    boxed = trainer.abstract_params(model, task, 0)
+    assert trainer.count_params(boxed) > 0
+    out = jax.eval_shape(lambda p, b: model.apply({"params": p}, b), nn.meta.unbox(boxed), task.dummy_batch(2))
+    assert out["itm_logits"].shape == (2, 2)
+    assert out["mlm_logits"].shape == (2, config.data.max_len, section.vocab_size)

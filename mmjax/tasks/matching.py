@@ -51,7 +51,8 @@ def default_task_config(**objectives: float) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "matching"
     c.objectives = ml_collections.ConfigDict(objectives)
-    c.itm = ml_collections.ConfigDict(dict(negatives=dict(in_batch=1.0, other_color=1.0, other_shape=1.0)))
+    # Half of the mismatches change the shape: the attribute that needs grounding (colour is spotted early).
+    c.itm = ml_collections.ConfigDict(dict(negatives=dict(in_batch=1.0, other_color=1.0, other_shape=2.0)))
     c.mlm = ml_collections.ConfigDict(dict(mask_prob=0.15, whole_word=False))
     c.mrm = ml_collections.ConfigDict(dict(mask_prob=0.15))  # masked region modelling (MRFR / MRC)
     c.masking = "conditional"  # UNITER; "joint" = ViLBERT's masked multimodal modelling
