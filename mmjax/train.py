@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
         param_shape = nn.meta.unbox(boxed)
         state_shape = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": param_shape,
                        "opt_state": jax.eval_shape(tx.init, param_shape)}
-        batch = task.dummy_batch(config.train.batch_size)
+        batch = task.train_batch_shapes(config.train.batch_size)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             flops = step_flops(step_fn.lower(state_shape, batch, jax.random.key(0)).compile())
         # XLA costs the per-device program; the global step does that on every device.

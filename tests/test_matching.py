@@ -157,3 +157,14 @@ def test_every_matching_config_builds_abstractly(load_config, filename, arg):
     out = jax.eval_shape(lambda p, b: model.apply({"params": p}, b), nn.meta.unbox(boxed), task.dummy_batch(2))
     assert out["itm_logits"].shape == (2, 2)
     assert out["mlm_logits"].shape == (2, config.data.max_len, section.vocab_size)
+
+
+@pytest.mark.parametrize("filename", ["uniter.py", "vilt.py"])
+def test_dry_run_traces_the_whole_matching_step(load_config, filename):
+    from mmjax import train as trainer  # pylint: disable=import-outside-toplevel
+
+    config = load_config(filename)
+    config.model.vocab_size = 128  # fixed vocabulary: the dry run loads no tokenizer
+    config.train.batch_size = 8
+    summary = trainer.train_and_evaluate(config, None, dry_run=True)
+    assert summary["params"] > 1e5 and summary["train_step_flops"] > 0

@@ -41,6 +41,10 @@ class ContrastiveTask:
         """Shapes of one batch, for abstract initialisation."""
         return pipeline.batch_shapes(self.config.data, batch_size)
 
+    def train_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of one training batch (for a dry run of the step)."""
+        return self.dummy_batch(batch_size)
+
     def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         """Forward pass and contrastive loss; returns (loss, metrics)."""
         out = self.model.apply({"params": params}, {k: batch[k] for k in BATCH_KEYS}, train=True,

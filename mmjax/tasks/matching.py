@@ -22,6 +22,7 @@ mismatch; MLM accuracy overall and on masked colour / shape words; MRC accuracy 
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +38,10 @@ from mmjax.data import easy_vqa_captions, pipeline
 NEGATIVE_KINDS = ("in_batch", "other_color", "other_shape")
 OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc")
 MASKING = ("conditional", "joint")
+# Stand-in for a dry run, which traces the step without loading a tokenizer: BERT-base's special ids and vocab
+# (only shapes matter there).
+DRY_RUN_TOKENIZER = types.SimpleNamespace(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103,
+                                          vocab_size=30522, continuation_table=lambda: np.zeros(30522, bool))
 # Model outputs each objective needs.
 NEEDS = {"mlm": ("mlm_logits",), "itm": ("itm_logits",), "wpa": ("text_tokens", "image_tokens", "image_mask"),
          "mrfr": ("mrfr_pred",), "mrc": ("mrc_logits",)}
@@ -69,7 +74,7 @@ class MatchingTask:
         self.model = model
         self.config = config
         self.mesh = mesh
-        self.tokenizer = tokenizer
+        self.tokenizer = DRY_RUN_TOKENIZER if tokenizer is None else tokenizer
         unknown = sorted(set(config.objectives) - set(OBJECTIVES))
         if unknown:
             raise ValueError(f"objectives {unknown} are not supported by the matching task (known: {OBJECTIVES})")
@@ -91,7 +96,7 @@ class MatchingTask:
         if self.masking not in MASKING:
             raise ValueError(f"masking must be one of {MASKING}; got {self.masking!r}")
         self.wpa_iterations = int(config.wpa.iterations)
-        self.continuation = tokenizer.continuation_table() if self.whole_word else None
+        self.continuation = self.tokenizer.continuation_table() if self.whole_word else None
         self.model_keys = tuple(pipeline.batch_shapes(config.data))
         # Models that put an image [CLS] first (ViLT) leave it out of word-patch alignment, as ViLT does.
         self.skip_image_cls = bool(getattr(model, "image_cls_first", False))
@@ -108,6 +113,18 @@ class MatchingTask:
         shapes = pipeline.batch_shapes(self.config.data, batch_size)
         if self.regions:
             shapes["region_feature_mask"] = jax.ShapeDtypeStruct(shapes["region_mask"].shape, np.int32)
+        return shapes
+
+    def train_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of one training batch as the pipeline delivers it (for a dry run of the step)."""
+        shapes = pipeline.batch_shapes(self.config.data, batch_size)
+        for prefix in ("other_color_", "other_shape_"):
+            shapes[prefix + "text_ids"] = shapes["text_ids"]
+            shapes[prefix + "text_mask"] = shapes["text_mask"]
+        if self.regions:
+            r = shapes["region_mask"].shape[1]
+            shapes["region_targets"] = jax.ShapeDtypeStruct((batch_size, r, pipeline.NUM_REGION_CLASSES),
+                                                            np.float32)
         return shapes
 
     def _special_ids(self) -> list[int]:
