@@ -23,6 +23,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "tensorboard>=2.16",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -134,3 +134,23 @@ def global_numpy(local: np.ndarray, mesh: Mesh) -> np.ndarray:
     """The global batch of a per-process numpy array, in the row order of the global jax.Array, on every process."""
     arr = make_global_batch({"x": local}, mesh)["x"]
     return np.asarray(jax.jit(lambda a: a, out_shardings=replicated(mesh))(arr))
+
+
+def optimizer_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of an optimizer state: a leaf whose key path ends with a parameter's path and has its shape
+    (Adam's moments, ...) takes that parameter's sharding; everything else (counts, scalars) is replicated.
+
+    Matching by path suffix, unlike optax.tree_map_params, also sees through multi_transform's masked states
+    (frozen parameters), whose parameter trees hold MaskedNode placeholders.
+    """
+    by_path: dict[str, tuple] = {}
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)):
+        by_path[jax.tree_util.keystr(path)] = (tuple(leaf.shape), shard)
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        # The longest matching path wins: ['a']['b'] must not claim the moment of ['x']['a']['b'].
+        matches = [p for p, (shape, _) in by_path.items() if key.endswith(p) and tuple(leaf.shape) == shape]
+        return by_path[max(matches, key=len)][1] if matches else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)

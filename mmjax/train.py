@@ -28,7 +28,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, optim, sharding
+from mmjax import checkpoint, optim, pretrained, sharding
 from mmjax.data import pipeline
 from mmjax.metrics_writer import MetricWriter
 from mmjax.models import build_model
@@ -60,9 +60,7 @@ def create_train_state(model: nn.Module, task: Any, tx: optax.GradientTransforma
     params_shape = nn.meta.unbox(boxed_params)
     opt_shape = jax.eval_shape(tx.init, params_shape)
     # Optimizer moments mirror the parameters and take their shardings; counters are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_shape, param_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=lambda x: x is None)
+    opt_shardings = sharding.optimizer_shardings(opt_shape, params_shape, param_shardings, mesh)
     shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
 
     def init(rng):
@@ -181,6 +179,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(checkpoint.abstract_with_shardings(state, shardings))
+    elif config.get("init_from") and config.init_from.path:
+        # Fresh start from pretrained weights (e.g. LiT's locked text tower); a resumed run has them already.
+        weights, _ = pretrained.load_params(config.init_from.path)
+        params = pretrained.graft(state["params"], weights, config.init_from.source, config.init_from.target)
+        state = dict(state, params=jax.device_put(params, shardings["params"]))
+        logging.info("initialised %s from %s (%s)", config.init_from.target or "the model", config.init_from.path,
+                     config.init_from.source or "all of it")
     start_step = int(state["step"])
     if jax.process_index() == 0:
         checkpoint.save_config(config, workdir)

@@ -80,7 +80,8 @@ def test_text_shapes(causal):
 def test_clip_outputs(clip_setup):
     model, batch, variables = clip_setup
     out = model.apply(variables, batch)
-    assert set(out) == {"image_embeds", "text_embeds", "logit_scale", "logit_bias"}
+    assert set(out) == {"image_embeds", "text_embeds", "logit_scale", "logit_bias", "logits_per_image",
+                        "logits_per_text"}
     chex.assert_shape([out["image_embeds"], out["text_embeds"]], (B, EMBED))
     chex.assert_shape([out["logit_scale"], out["logit_bias"]], ())
     chex.assert_type([out["image_embeds"], out["text_embeds"]], jnp.float32)

@@ -169,3 +169,21 @@ def test_checkpoint_round_trip(load_config, tmp_path):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_optimizer_state_shardings_see_through_frozen_parameters(load_config):
+    # multi_transform (optimizer.freeze) puts MaskedNode placeholders in the moments; they must still shard.
+    config = small_clip_config(load_config)
+    config.optimizer.freeze = "^text_encoder/"
+    config.mesh.update(dict(data=1, fsdp=8, tensor=1))
+    _, _, state, _, _ = one_step(config, jax.devices())
+    params = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
+    checked = 0
+    for path, moment in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+        key = jax.tree_util.keystr(path)
+        owner = [p for p in params if key.endswith(p) and params[p].shape == moment.shape]
+        if owner:
+            assert moment.sharding == params[max(owner, key=len)].sharding, key
+            checked += 1
+    assert checked > 0
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state["opt_state"]))

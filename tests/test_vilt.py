@@ -205,46 +205,12 @@ def test_bf16_and_patch_cap():
     np.testing.assert_array_equal(out_p["patch_index"], out["patch_index"])
 
 
-def hf_vilt_params(state: dict, depth: int, heads: int) -> dict:
-    """Hugging Face ViltForMaskedLM state dict (numpy) -> our ViLT param tree (the layouts map one-to-one)."""
-    dense = lambda pre: {"kernel": state[pre + ".weight"].T, "bias": state[pre + ".bias"]}  # noqa: E731
-    ln = lambda pre: {"scale": state[pre + ".weight"], "bias": state[pre + ".bias"]}  # noqa: E731
-    emb = "vilt.embeddings."
-    params = {
-        "word_embedding": state[emb + "text_embeddings.word_embeddings.weight"],
-        "text_pos_embedding": state[emb + "text_embeddings.position_embeddings.weight"],
-        "text_type_embedding": state[emb + "text_embeddings.token_type_embeddings.weight"],
-        "ln_text": ln(emb + "text_embeddings.LayerNorm"),
-        "patch_kernel": state[emb + "patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
-        "patch_bias": state[emb + "patch_embeddings.projection.bias"],
-        "cls": state[emb + "cls_token"][0, 0],
-        "image_pos_embedding": state[emb + "position_embeddings"][0],
-        "modality_embedding": state[emb + "token_type_embeddings.weight"],
-        "ln_final": ln("vilt.layernorm"),
-        "pooler": dense("vilt.pooler.dense"),
-        "mlm_transform": {"dense": dense("mlm_score.transform.dense"), "ln": ln("mlm_score.transform.LayerNorm")},
-        "mlm_bias": state["mlm_score.decoder.bias"],
-        "encoder": {},
-    }
-    for i in range(depth):
-        pre = f"vilt.encoder.layer.{i}."
-        d = state[pre + "attention.attention.query.weight"].shape[0]
-        qkv = lambda n: {"kernel": state[pre + f"attention.attention.{n}.weight"].T.reshape(d, heads, -1),  # noqa
-                         "bias": state[pre + f"attention.attention.{n}.bias"].reshape(heads, -1)}
-        out = dense(pre + "attention.output.dense")
-        params["encoder"][f"layer_{i}"] = {
-            "attn": {"query": qkv("query"), "key": qkv("key"), "value": qkv("value"),
-                     "out": {"kernel": out["kernel"].reshape(heads, -1, d), "bias": out["bias"]}},
-            "ln_1": ln(pre + "layernorm_before"), "ln_2": ln(pre + "layernorm_after"),
-            "mlp": {"fc1": dense(pre + "intermediate.dense"), "fc2": dense(pre + "output.dense")},
-        }
-    return params
-
-
 def test_parity_with_hugging_face():
     """Same weights, same inputs (training grid, text padding): text tokens, pooled and MLM logits match HF ViLT."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from mmjax.convert.hf_vilt import hf_vilt_params  # here: the converter needs safetensors, the rest does not
+
     config = transformers.ViltConfig(
         vocab_size=V, hidden_size=D, num_hidden_layers=TINY["depth"], num_attention_heads=TINY["heads"],
         intermediate_size=TINY["mlp_dim"], image_size=S, patch_size=P, max_position_embeddings=TINY["max_len"])

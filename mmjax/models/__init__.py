@@ -9,21 +9,23 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.models.bert import BertModel
 from mmjax.models.clip import CLIP
 from mmjax.models.fusion_model import FusionModel
 from mmjax.models.text import TextTransformer
 from mmjax.models.uniter import UNITER
 from mmjax.models.vilbert import ViLBERT
 from mmjax.models.vilt import ViLT
-from mmjax.models.vit import ViT
+from mmjax.models.vit import ViT, ViTModel
 
 MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNITER, "vilbert": ViLBERT,
-                                     "fusion": FusionModel}
+                                     "fusion": FusionModel, "bert": BertModel, "vit": ViTModel}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
     ("clip", "image"): ViT, ("clip", "text"): TextTransformer,
     ("fusion", "image"): ViT, ("fusion", "text"): TextTransformer,
+    ("bert", "text"): TextTransformer, ("vit", "image"): ViT,
 }
 # Config keys that describe the model but are not Module fields.
 _META_KEYS = ("name", "variant")
@@ -78,4 +80,4 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["CLIP", "FusionModel", "MODELS", "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "build_model"]
+__all__ = ["BertModel", "CLIP", "FusionModel", "MODELS", "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "build_model"]

@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional
 
 import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
@@ -39,6 +40,9 @@ class CLIP(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    # LiT: a locked text tower gets no gradient (stop_gradient: no backward pass through it). Pair it with
+    # `optimizer.freeze` so that weight decay leaves its parameters unchanged too.
+    lock_text: bool = False
 
     def __post_init__(self) -> None:
         # Freeze the tower dicts so the Module stays hashable (jit static args, flax's module caching).
@@ -73,20 +77,32 @@ class CLIP(nn.Module):
 
     def encode_text(self, text_ids: Array, text_mask: Array, *, train: bool = False) -> Array:
         """text_ids, text_mask int [B, L] -> unit-norm float32 embeds [B, embed_dim]."""
-        pooled, _ = self.text_encoder(text_ids, text_mask, train=train)
+        pooled, _ = self.text_encoder(text_ids, text_mask, train=train and not self.lock_text)
+        if self.lock_text:
+            pooled = jax.lax.stop_gradient(pooled)
         return l2_normalize(self.text_projection(pooled))
 
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
-        """batch with image/text_ids/text_mask -> {image_embeds, text_embeds, logit_scale, logit_bias}."""
+        """batch -> {image_embeds, text_embeds, logit_scale, logit_bias, logits_per_image, logits_per_text}.
+
+        logits_per_image [B_img, B_txt] = logit_scale * image_embeds @ text_embeds^T + logit_bias (bias 0 for
+        softmax) and logits_per_text its transpose, as Hugging Face CLIPModel / SiglipModel name them. Under jit
+        they cost nothing when unused (the contrastive losses compute their own).
+        """
         for key in REQUIRED_KEYS:
             if key not in batch:
                 raise KeyError(f"CLIP needs batch key {key!r}; got keys {sorted(batch)}")
         # Clamp before exp (as OpenCLIP clamps the exp'd scale at 100): keeps training stable at large scales.
         logit_scale = jnp.exp(jnp.minimum(self.logit_scale_param, self.logit_scale_max))
         logit_bias = self.logit_bias_param if self.loss == "sigmoid" else jnp.zeros((), jnp.float32)
+        image_embeds = self.encode_image(batch["image"], train=train)
+        text_embeds = self.encode_text(batch["text_ids"], batch["text_mask"], train=train)
+        logits_per_text = logit_scale * jnp.einsum("td,id->ti", text_embeds, image_embeds) + logit_bias
         return {
-            "image_embeds": self.encode_image(batch["image"], train=train),
-            "text_embeds": self.encode_text(batch["text_ids"], batch["text_mask"], train=train),
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
             "logit_scale": logit_scale,
             "logit_bias": logit_bias,
+            "logits_per_image": logits_per_text.T,
+            "logits_per_text": logits_per_text,
         }

@@ -14,6 +14,8 @@ class TextTransformer(nn.Module):
     """Token + position embeddings -> Encoder -> pooling.
 
     causal=True: CLIP text tower (causal mask, pre-LN, final LN, pooled at the last real token by default).
+    pool="eos_id" (first position whose id is `eos_token_id`) and pool="argmax_id" (position of the largest id)
+    are Hugging Face CLIPTextModel's two poolings, for checkpoints converted from it (mmjax.convert.hf_clip).
     causal=False: BERT-style bidirectional encoder (pooled at the first/CLS token by default); with norm="post"
     the embedding LayerNorm is on and the final LayerNorm off, as in BERT.
     Returns `(pooled [B, width], tokens [B, L, width])`.
@@ -26,7 +28,7 @@ class TextTransformer(nn.Module):
     heads: int = 8
     mlp_dim: Optional[int] = None  # default 4 * width
     causal: bool = True
-    pool: Optional[str] = None  # "eos" | "cls" | "mean"; default "eos" if causal else "cls"
+    pool: Optional[str] = None  # "eos" | "cls" | "mean" | "eos_id" | "argmax_id"; default "eos" / "cls" (causal / not)
     norm: str = "pre"
     embed_ln: Optional[bool] = None  # LN after embeddings (BERT); default: norm == "post"
     final_ln: Optional[bool] = None  # LN after the encoder (CLIP ln_final); default: norm == "pre"
@@ -38,6 +40,8 @@ class TextTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Added last so positional construction keeps working: the id that pool="eos_id" looks for.
+    eos_token_id: Optional[int] = None
 
     @nn.compact
     def __call__(
@@ -50,8 +54,10 @@ class TextTransformer(nn.Module):
     ) -> tuple[Array, Array]:
         """text_ids: int [B, L]; text_mask: int [B, L] (1 = real token; default all real)."""
         pool = self.pool or ("eos" if self.causal else "cls")
-        if pool not in ("eos", "cls", "mean"):
-            raise ValueError(f"pool must be one of 'eos', 'cls', 'mean'; got {pool!r}")
+        if pool not in ("eos", "cls", "mean", "eos_id", "argmax_id"):
+            raise ValueError(f"pool must be one of 'eos', 'cls', 'mean', 'eos_id', 'argmax_id'; got {pool!r}")
+        if pool == "eos_id" and self.eos_token_id is None:
+            raise ValueError("pool='eos_id' needs eos_token_id")
         embed_ln = self.norm == "post" if self.embed_ln is None else self.embed_ln
         final_ln = self.norm == "pre" if self.final_ln is None else self.final_ln
         b, length = text_ids.shape
@@ -91,6 +97,13 @@ class TextTransformer(nn.Module):
             # Last real token (CLIP's end-of-text token when the text is right-padded).
             last = jnp.maximum(jnp.sum(text_mask, axis=-1) - 1, 0)
             pooled = jnp.take_along_axis(tokens, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        elif pool in ("eos_id", "argmax_id"):
+            # As HF CLIPTextModel: the first eos_token_id (pads may share its id), or the largest id (OpenAI's
+            # end-of-text token is the highest id of its vocabulary). argmax takes the first maximum, as torch's;
+            # a text without the eos id pools at position 0, as HF does.
+            hit = text_ids == self.eos_token_id if pool == "eos_id" else text_ids
+            pos = jnp.argmax(hit.astype(jnp.int32), axis=-1)
+            pooled = jnp.take_along_axis(tokens, pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         else:
             m = text_mask.astype(jnp.float32)[..., None]
             pooled = (jnp.sum(tokens.astype(jnp.float32) * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0))

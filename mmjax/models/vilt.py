@@ -3,7 +3,8 @@
     text:  word + position + token-type -> LN                         (BERT embeddings)
     image: patch projection (+[MASK] patch for MPP) + interpolated position; [cls] first    (ViT embeddings)
     both + modality-type embedding (text 0, image 1) -> concat [text; image] -> Encoder -> final LN (pre-LN)
-    pooled = tanh(Dense(token 0)) (the text [CLS]); heads: MLM (tied decoder), ITM (2-way), MPP (patch pixels)
+    pooled = tanh(Dense(token 0)) (the text [CLS]); heads: MLM (tied decoder), ITM (2-way), MPP (patch pixels),
+    and, off by default, HF's VQA classifier (vqa_labels) and retrieval score (rank_head)
 
 Layout and defaults follow Hugging Face `ViltModel` (pre-LN blocks with a final LayerNorm, eps 1e-12, exact GELU,
 cls/position/modality embeddings), so its weights map one-to-one; the defaults are the ViLT-B/32 shapes.
@@ -70,6 +71,29 @@ class HeadTransform(nn.Module):
         return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln")(x)
 
 
+class VQAHead(nn.Module):
+    """ViLT's VQA classifier (= HF ViltForQuestionAnswering): Dense(2D) -> LayerNorm -> GELU -> Dense(num_labels)."""
+
+    num_labels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., D] -> logits [..., num_labels]."""
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(2 * x.shape[-1], kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
+                  bias_init=partitioned(layers.zeros_init, ("mlp",)), name="dense")(x)
+        # torch.nn.LayerNorm's default eps: HF and the original ViLT build this LayerNorm without one, so it does not
+        # follow the model's ln_epsilon. The 2D-wide hidden side is "mlp" like the kernel's output dim.
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                         scale_init=partitioned(layers.ones_init, ("mlp",)),
+                         bias_init=partitioned(layers.zeros_init, ("mlp",)), name="ln")(x)
+        x = layers.gelu_exact(x)  # torch nn.GELU(): exact, whatever the model's activation
+        return dense(self.num_labels, kernel_init=partitioned(layers.dense_init, ("mlp", None)),
+                     bias_init=partitioned(layers.zeros_init, (None,)), name="out")(x)
+
+
 class ViLT(nn.Module):
     """Vision-and-Language Transformer: single-stream encoder over [text tokens; image cls + patches].
 
@@ -102,6 +126,9 @@ class ViLT(nn.Module):
     mlm_head: bool = True
     itm_head: bool = True
     mpp_head: bool = False  # also owns the learned [MASK] patch; ViLT found MPP unhelpful, so off by default
+    # Fine-tuning heads on the pooled output, laid out as Hugging Face's (mmjax.convert.hf_vilt maps them):
+    vqa_labels: Optional[int] = None  # VQA classifier with this many answers (ViltForQuestionAnswering)
+    rank_head: bool = False  # image-text retrieval score Dense(1) (ViltForImageAndTextRetrieval)
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -199,7 +226,12 @@ class ViLT(nn.Module):
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False, image_type: int = 1) -> dict[str, Array]:
         """batch -> {text_tokens [B, L, D], image_tokens [B, 1+N, D], pooled [B, D], image_mask [B, 1+N],
-        patch_index [B, N], and with heads on: mlm_logits [B, L, V], itm_logits [B, 2], mpp_pred [B, N, p*p*C]}.
+        patch_index [B, N], and with heads on: mlm_logits [B, L, V], itm_logits [B, 2], mpp_pred [B, N, p*p*C],
+        vqa_logits [B, vqa_labels], rank_logits [B, 1]}.
+
+        Hugging Face names too: last_hidden_state [B, L+1+N, D] (= [text_tokens; image_tokens]) and pooler_output
+        (= pooled). HF's `logits` of ViltForMaskedLM / ViltForQuestionAnswering / ViltForImageAndTextRetrieval are
+        mlm_logits / vqa_logits / rank_logits.
 
         N is the number of image patches kept (all of them unless max_image_len caps it; patch_index says which).
         Head outputs are float32 (the losses' softmax / regression run in float32); the rest is in `dtype`.
@@ -240,7 +272,10 @@ class ViLT(nn.Module):
             "pooled": layers.constrain(pooled, ("batch", "embed")),
             "image_mask": image_mask,
             "patch_index": patch_index,
+            # Hugging Face ViltModel's name for the whole sequence (an extra copy only where a jit returns it whole).
+            "last_hidden_state": x,
         }
+        out["pooler_output"] = out["pooled"]  # and for the pooled output
         head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         if self.mlm_head:
@@ -262,4 +297,11 @@ class ViLT(nn.Module):
             out["mpp_pred"] = dense(p * p * c, kernel_init=partitioned(layers.dense_init, ("embed", None)),
                                     bias_init=partitioned(layers.zeros_init, (None,)),
                                     name="mpp_decoder")(h).astype(jnp.float32)
+        if self.vqa_labels is not None:
+            out["vqa_logits"] = VQAHead(self.vqa_labels, dtype=self.dtype, param_dtype=self.param_dtype,
+                                        name="vqa_head")(pooled).astype(jnp.float32)
+        if self.rank_head:
+            out["rank_logits"] = dense(1, kernel_init=partitioned(layers.dense_init, ("embed", None)),
+                                       bias_init=partitioned(layers.zeros_init, (None,)),
+                                       name="rank_head")(pooled).astype(jnp.float32)
         return out

@@ -1,9 +1,10 @@
 """Vision Transformer image encoder (ViT / CLIP image tower)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import einops
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -129,3 +130,44 @@ class ViT(nn.Module):
                 name="map_head",
             )(tokens)
         return layers.constrain(pooled, ("batch", "embed")), tokens
+
+
+# Hugging Face ViTModel's structure; the `image` dict of ViTModel adds sizes (patch_size, image_size, width, ...).
+HF_VIT_DEFAULTS: dict[str, Any] = dict(pool="cls", cls_token=True, patch_bias=True, ln_pre=False, norm="pre",
+                                       ln_epsilon=1e-12)
+
+
+class ViTModel(nn.Module):
+    """ViT with Hugging Face ViTModel's outputs: `image_encoder` (ViT) -> {"last_hidden_state", "pooler_output"}.
+
+    last_hidden_state is every token after the final LayerNorm (cls first); pooler_output is HF's
+    tanh(Dense(cls token)). `dtype`, `param_dtype` and `remat` override the same keys in `image`.
+    `mmjax.convert.hf_vit` maps HF weights onto it.
+    """
+
+    image: Mapping[str, Any]  # ViT kwargs, over HF_VIT_DEFAULTS
+    pooler: bool = True  # HF add_pooling_layer; False: no pooler params and no "pooler_output"
+    pooler_dim: Optional[int] = None  # HF pooler_output_size; default: width
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen so the Module stays hashable (jit static args, flax's module caching).
+        object.__setattr__(self, "image", flax.core.FrozenDict(self.image))
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
+        """batch["image"]: float [B, H, W, C] (channels last; HF's pixel_values transposed)."""
+        kwargs = {**HF_VIT_DEFAULTS, **dict(self.image),
+                  "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat}
+        _, tokens = ViT(**kwargs, name="image_encoder")(batch["image"], train=train)
+        out = {"last_hidden_state": tokens}
+        if self.pooler:
+            # As ViLT's pooler: a width x width kernel cannot name "embed" twice, so the output side is "mlp".
+            dense = layers.Dense(self.pooler_dim or tokens.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
+                                 bias_init=partitioned(layers.zeros_init, ("mlp",)), name="pooler")
+            out["pooler_output"] = jnp.tanh(dense(tokens[:, 0]))
+        return out

@@ -1,0 +1,6 @@
+"""Weight conversion between mmjax models and other frameworks' checkpoints.
+
+`mmjax.convert.hf.load(path)` reads a Hugging Face model directory (config.json + model.safetensors) into an mmjax
+linen model and its variables; `mmjax.convert.hf.save` writes one back. The per-family mappings live in
+`hf_bert`, `hf_vit`, `hf_clip` and `hf_vilt`.
+"""

@@ -1,0 +1,93 @@
+"""Start a model (or one of its towers) from pretrained weights: `config.init_from`.
+
+    init_from.path    a Hugging Face model directory (config.json + model.safetensors, converted on the fly by
+                      `mmjax.convert.hf.load`) or a directory written by `python -m mmjax.convert --out=DIR`
+    init_from.source  "/"-separated path of the subtree to take from those params ("" = all of them)
+    init_from.target  "/"-separated path where it goes in the model's params ("" = the whole model)
+
+e.g. LiT's locked text tower: path = the MiniLM directory, source = "text_encoder", target = "text" (and
+`optimizer.freeze = "^text/"`). Tree structure and every shape must agree; a mismatch names the first paths that
+differ. Weights are applied only when a run starts fresh: a resumed run restores its own checkpoint instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from ml_collections import config_dict
+
+PARAMS_DIR = "params"  # orbax params of a converted model inside an `mmjax.convert --out` directory
+CONFIG_FILE = "config.json"
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+    """`init_from` section: nothing loaded unless `path` is set."""
+    return ml_collections.ConfigDict(dict(path=config_dict.placeholder(str), source="", target=""))
+
+
+def save_converted(out_dir: str, model_config: Mapping[str, Any], params: Any) -> None:
+    """Writes `model_config` (config.json) and `params` (orbax, numpy on restore) into out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(dict(model_config), f, indent=2, sort_keys=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), jax.tree.map(np.asarray, params), force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_params(path: str) -> tuple[Any, dict[str, Any]]:
+    """(params as numpy arrays, model config dict) from an HF directory or an `mmjax.convert --out` directory."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise ValueError(f"init_from.path {path!r} is not a directory")
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            model_config = json.load(f)
+        params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+        return jax.tree.map(np.asarray, params), model_config
+    from mmjax.convert import hf  # pylint: disable=import-outside-toplevel  (pulls in every converter)
+
+    _, variables, model_config = hf.load(path)
+    return jax.tree.map(np.asarray, variables["params"]), model_config
+
+
+def _subtree(tree: Any, path: str, what: str) -> Any:
+    for key in [k for k in path.split("/") if k]:
+        if not isinstance(tree, Mapping) or key not in tree:
+            have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ValueError(f"init_from.{what}={path!r}: no {key!r} here; available: {have}")
+        tree = tree[key]
+    return tree
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def graft(params: Any, pretrained: Any, source: str = "", target: str = "") -> Any:
+    """params with the subtree at `target` replaced by `pretrained`'s subtree at `source` (same tree and shapes)."""
+    new = _subtree(pretrained, source, "source")
+    old = _subtree(params, target, "target")
+    got, want = _shapes(new), _shapes(old)
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise ValueError("init_from: pretrained weights do not fit the model at target "
+                         f"{target!r}: " + "; ".join(f"{k}: model {want.get(k)}, pretrained {got.get(k)}"
+                                                    for k in diff[:5]))
+    keys = [k for k in target.split("/") if k]
+    if not keys:
+        return jax.tree.map(lambda a, b: np.asarray(b, dtype=np.asarray(a).dtype), old, new)
+
+    def replace(tree: Mapping, i: int) -> dict:
+        out = dict(tree)
+        out[keys[i]] = (jax.tree.map(lambda a, b: np.asarray(b, dtype=a.dtype), tree[keys[i]], new)
+                        if i == len(keys) - 1 else replace(tree[keys[i]], i + 1))
+        return out
+
+    return replace(params, 0)

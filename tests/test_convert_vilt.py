@@ -1,0 +1,136 @@
+"""mmjax.convert.hf_vilt against transformers: HF ViLT (four architectures) -> ours -> HF, outputs equal to 1e-4."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from mmjax.convert import hf_vilt  # noqa: E402  (after the skips: the converter needs safetensors)
+
+B, L, S, C = 2, 6, 32, 3  # batch, text length, image side, channels
+SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             image_size=S, patch_size=8, max_position_embeddings=16)
+ATOL = 1e-4
+
+
+@pytest.fixture
+def raster_patches(monkeypatch):
+    """Makes HF's patch order deterministic: raster order, as ours.
+
+    transformers' ViltEmbeddings draws the order of the kept patches with torch.multinomial over uniform weights on
+    every call, even in eval mode and with max_image_length=-1 (which keeps every patch, but still permutes them).
+    Text tokens, pooler and head logits do not depend on that order (attention is permutation-invariant over keys;
+    tests/test_vilt.py relies on this and compares only those), but last_hidden_state's image rows do. Any order is
+    a valid draw of uniform sampling without replacement; this one is arange.
+    """
+    real = torch.multinomial
+
+    def first_k(weights, num_samples, replacement=False, **kwargs):
+        if replacement:  # padding patches (a pixel mask); these tests have none
+            return real(weights, num_samples, replacement, **kwargs)
+        return torch.arange(int(num_samples))
+
+    monkeypatch.setattr(torch, "multinomial", first_k)
+
+
+def make_inputs(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random image (NHWC) / ids / token types; the last two tokens of the second example are padding."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((B, L), np.int64)
+    mask[1, -2:] = 0
+    return {"image": rng.normal(size=(B, S, S, C)).astype(np.float32),
+            "text_ids": rng.integers(1, SMALL["vocab_size"], (B, L)), "text_mask": mask,
+            "text_type_ids": rng.integers(0, 2, (B, L))}
+
+
+def hf_outputs(model, architecture: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The named outputs of an HF ViLT model (float32 numpy)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(inputs["text_ids"]), attention_mask=torch.tensor(inputs["text_mask"]),
+                    token_type_ids=torch.tensor(inputs["text_type_ids"]),
+                    pixel_values=torch.tensor(inputs["image"].transpose(0, 3, 1, 2)))
+    names = ("last_hidden_state", "pooler_output") if architecture == "ViltModel" else ("logits",)
+    return {n: getattr(out, n).numpy() for n in names}
+
+
+def our_outputs(model, variables, architecture: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our ViLT's outputs under HF's names (LOGITS_KEY says where each head's `logits` is)."""
+    batch = {k: jnp.asarray(v, jnp.float32 if k == "image" else jnp.int32) for k, v in inputs.items()}
+    out = jax.jit(model.apply)(variables, batch)
+    if architecture == "ViltModel":
+        return {n: np.asarray(out[n]) for n in ("last_hidden_state", "pooler_output")}
+    return {"logits": np.asarray(out[hf_vilt.LOGITS_KEY[architecture]])}
+
+
+def max_diffs(ours: dict, theirs: dict) -> dict[str, float]:
+    assert set(ours) == set(theirs)
+    for n in theirs:
+        assert ours[n].shape == theirs[n].shape, (n, ours[n].shape, theirs[n].shape)
+    return {n: float(np.abs(ours[n] - theirs[n]).max()) for n in theirs}
+
+
+@pytest.mark.parametrize("architecture", hf_vilt.ARCHITECTURES)
+def test_load_and_export_match_transformers(architecture: str, tmp_path, raster_patches):
+    """HF save_pretrained -> hf_vilt.load -> same outputs; export -> from_pretrained -> same tensors and outputs."""
+    config = transformers.ViltConfig(**SMALL, num_labels=7)
+    torch.manual_seed(0)
+    reference = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        # HF zero-initialises biases, cls and positions and sets LayerNorms to 1/0: randomise every parameter so
+        # that a swapped or dropped tensor shows up. (parameters() yields the tied MLM decoder once: it stays tied.)
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        hf_config = json.load(f)
+    tensors = safetensors_numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+
+    model, variables, model_config = hf_vilt.load(hf_config, tensors)
+    inputs = make_inputs()
+    expected = hf_outputs(reference, architecture, inputs)
+    diffs = max_diffs(our_outputs(model, variables, architecture, inputs), expected)
+    print(f"\n{architecture} load: max |ours - HF| {diffs}")
+    assert max(diffs.values()) <= ATOL, diffs
+
+    # Back: the exported tensors are the checkpoint's, bit for bit, and transformers loads them without complaint.
+    written = hf_vilt.save_hf(model_config, variables, tmp_path / "ours", architecture)
+    assert written["architectures"] == [architecture]
+    exported = safetensors_numpy.load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert sorted(exported) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    reloaded, info = getattr(transformers, architecture).from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    diffs = max_diffs(hf_outputs(reloaded.eval(), architecture, inputs), expected)
+    print(f"{architecture} export: max |reloaded HF - HF| {diffs}")
+    assert max(diffs.values()) <= ATOL, diffs
+
+
+def test_config_mapping_and_detection():
+    """max_image_length semantics, activation names, architecture from tensor names, and the refusals."""
+    base = dict(SMALL, num_hidden_layers=1, hidden_act="gelu_new", max_image_length=-1)
+    cfg = hf_vilt.model_config_from_hf(base, "ViltModel")
+    assert cfg["max_image_len"] is None and cfg["activation"] == "gelu_tanh" and cfg["max_len"] == 16
+    assert not (cfg["mlm_head"] or cfg["itm_head"] or cfg["rank_head"]) and cfg["vqa_labels"] is None
+    assert hf_vilt.model_config_from_hf(dict(base, max_image_length=5), "ViltModel")["max_image_len"] == 5
+    qa = hf_vilt.model_config_from_hf(dict(base, id2label={"0": "a", "1": "b", "2": "c"}), "ViltForQuestionAnswering")
+    assert qa["vqa_labels"] == 3
+    assert hf_vilt.infer_architecture(qa) == "ViltForQuestionAnswering"
+
+    # Without "architectures", the head tensors name the class; the base model has no "vilt." prefix.
+    assert hf_vilt.detect_architecture({}, {"vilt.pooler.dense.weight": 0, "rank_output.weight": 0}) == (
+        "ViltForImageAndTextRetrieval", "vilt.")
+    assert hf_vilt.detect_architecture({}, {"pooler.dense.weight": 0}) == ("ViltModel", "")
+    with pytest.raises(ValueError, match="ViltForImagesAndTextClassification"):
+        hf_vilt.detect_architecture({"architectures": ["ViltForImagesAndTextClassification"]}, {})
+    with pytest.raises(ValueError, match="several HF heads"):
+        hf_vilt.infer_architecture(dict(qa, mlm_head=True))
+    with pytest.raises(ValueError, match="pre-LN"):  # checked before any weight is read
+        hf_vilt.export(dict(cfg, norm="post"), {}, "ViltModel")
