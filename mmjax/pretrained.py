@@ -7,11 +7,13 @@
 
 e.g. LiT's locked text tower: path = the MiniLM directory, source = "text_encoder", target = "text" (and
 `optimizer.freeze = "^text/"`). Tree structure and every shape must agree; a mismatch names the first paths that
-differ. Weights are applied only when a run starts fresh: a resumed run restores its own checkpoint instead.
+differ, except patch-position tables, which are resized bicubically on their 2-D grid (cls row kept) when the
+model's image size differs from the checkpoint's. Weights are applied only when a run starts fresh: a resumed run restores its own checkpoint instead.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -70,10 +72,44 @@ def _shapes(tree: Any) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _grid(rows: int) -> tuple[int, bool] | None:
+    """(grid side, has a leading cls row) of a square patch-position table with `rows` rows, else None."""
+    for cls in (True, False):
+        side = math.isqrt(rows - cls)
+        if side * side == rows - cls and side > 0:
+            return side, cls
+    return None
+
+
+def resize_position_tables(new: Any, like: Any) -> Any:
+    """Patch-position tables of `new` ("...pos_embedding" leaves [rows, D]) resized to the rows of the same leaf
+    in `like`: bicubic on the 2-D grid, the cls row kept (fine-tuning at another image size). Others unchanged."""
+    like_shapes = _shapes(like)
+
+    def resize(path, x):
+        key = jax.tree_util.keystr(path)
+        want = like_shapes.get(key)
+        if not key.endswith("pos_embedding']") or want is None or np.shape(x) == want or np.ndim(x) != 2:
+            return x
+        src, dst = _grid(np.shape(x)[0]), _grid(want[0])
+        if src is None or dst is None or src[1] != dst[1] or want[1] != np.shape(x)[1]:
+            return x  # not a square patch grid: leave it for the shape check to report
+        from mmjax.models.vilt import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
+
+        table = np.asarray(x, np.float32)
+        if not src[1]:  # no cls row: add a dummy one so the shared helper applies
+            table = np.concatenate([np.zeros_like(table[:1]), table])
+        out = np.asarray(interpolate_pos_embedding(table, (src[0],) * 2, (dst[0],) * 2))
+        return out if src[1] else out[1:]
+
+    return jax.tree_util.tree_map_with_path(resize, new)
+
+
 def graft(params: Any, pretrained: Any, source: str = "", target: str = "") -> Any:
-    """params with the subtree at `target` replaced by `pretrained`'s subtree at `source` (same tree and shapes)."""
-    new = _subtree(pretrained, source, "source")
+    """params with the subtree at `target` replaced by `pretrained`'s subtree at `source` (same tree and shapes;
+    patch-position tables are resized to the model's grid, see `resize_position_tables`)."""
     old = _subtree(params, target, "target")
+    new = resize_position_tables(_subtree(pretrained, source, "source"), old)
     got, want = _shapes(new), _shapes(old)
     if got != want:
         diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))

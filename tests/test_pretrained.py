@@ -104,3 +104,23 @@ def test_lit_keeps_the_locked_text_tower_and_evaluate_reproduces_the_final_eval(
     again = evaluate.evaluate(checkpoint.load_config(workdir), workdir)
     for key, value in final.items():
         assert again[key] == pytest.approx(float(value), abs=1e-6), key
+
+
+def test_graft_resizes_patch_position_tables_to_the_model_grid():
+    from mmjax.models.vilt import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(3)
+    checkpoint_table = rng.normal(size=(1 + 4 * 4, 8)).astype(np.float32)  # cls + 4x4 grid
+    params = {"vit": {"pos_embedding": np.zeros((1 + 6 * 6, 8), np.float32), "w": np.zeros((8, 8), np.float32)}}
+    weights = {"vit": {"pos_embedding": checkpoint_table, "w": np.ones((8, 8), np.float32)}}
+    out = pretrained.graft(params, weights, "vit", "vit")["vit"]
+    np.testing.assert_array_equal(out["pos_embedding"][0], checkpoint_table[0])  # cls row kept
+    np.testing.assert_allclose(out["pos_embedding"], interpolate_pos_embedding(checkpoint_table, (4, 4), (6, 6)),
+                               atol=1e-6)
+    # Without a cls row (gap-pooled ViT) the grid is resized alone.
+    params = {"pos_embedding": np.zeros((36, 8), np.float32)}
+    out = pretrained.graft(params, {"pos_embedding": checkpoint_table[1:]})
+    assert out["pos_embedding"].shape == (36, 8)
+    # A non-position leaf of another shape is still an error.
+    with pytest.raises(ValueError, match="do not fit"):
+        pretrained.graft({"w": np.zeros((2, 2))}, {"w": np.zeros((3, 3))})

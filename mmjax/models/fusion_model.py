@@ -44,7 +44,6 @@ are sown as intermediates["fusion_extras"] (apply with mutable=["intermediates"]
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import flax
@@ -55,7 +54,7 @@ from mmjax.models import fusion as fusion_lib
 from mmjax.models import layers
 from mmjax.models.layers import Array, Dtype, partitioned
 from mmjax.models.text import TextTransformer
-from mmjax.models.vilt import HeadTransform
+from mmjax.models.vilt import tied_mlm_logits
 from mmjax.models.vit import ViT
 
 REQUIRED_KEYS = ("image", "text_ids", "text_mask")
@@ -227,17 +226,12 @@ class FusionModel(nn.Module):
             x = layers.Dense(d_txt, dtype=self.dtype, param_dtype=self.param_dtype,
                              kernel_init=partitioned(layers.dense_init, (None, "embed")),
                              bias_init=partitioned(layers.zeros_init, ("embed",)), name="mlm_proj")(x)
-        head = functools.partial(HeadTransform, activation=_field(TextTransformer, self.text, "activation"),
-                                 ln_epsilon=_field(TextTransformer, self.text, "ln_epsilon"),
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
-        x = head(name="mlm_transform")(x)
         # Tied decoder (BERT/ViLT): the table is the text tower's own parameter, read through its scope (boxed
         # at init, plain or boxed in apply), so its gradient sums the embedding and decoder uses.
         table = nn.unbox(text_encoder.variables["params"]["token_embedding"])
-        bias = self.param("mlm_bias", partitioned(layers.zeros_init, ("vocab",)), (table.shape[0],),
-                          self.param_dtype)
-        logits = layers.matmul_last(x, table.astype(self.dtype).T) + bias.astype(self.dtype)
-        return logits.astype(jnp.float32)
+        return tied_mlm_logits(self, x, table, activation=_field(TextTransformer, self.text, "activation"),
+                               ln_epsilon=_field(TextTransformer, self.text, "ln_epsilon"), dtype=self.dtype,
+                               param_dtype=self.param_dtype)
 
 
 __all__ = ["FusionModel", "REQUIRED_KEYS"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mmjax.models import layers
 from mmjax.models.layers import Array, Dtype, partitioned
-from mmjax.models.vilt import HeadTransform
+from mmjax.models.vilt import HeadTransform, tied_mlm_logits
 
 REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
 
@@ -177,11 +177,9 @@ class UNITER(nn.Module):
         if self.itm_head:
             out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
         if self.mlm_head:
-            h = head(name="mlm_transform")(text_tokens)
-            # Decoder tied to the word embeddings (BERT/UNITER): only its bias is a new parameter.
-            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
-            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
-            out["mlm_logits"] = logits.astype(jnp.float32)
+            out["mlm_logits"] = tied_mlm_logits(self, text_tokens, word_table, activation=self.activation,
+                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
+                                                param_dtype=self.param_dtype)
         if self.mrfr_head:
             h = head(name="mrfr_transform")(image_tokens)
             out["mrfr_pred"] = self._dense(self.region_feat_dim, ("embed", None),

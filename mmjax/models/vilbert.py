@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from mmjax.models import layers
 from mmjax.models.fusion import CrossAttentionLayer
 from mmjax.models.layers import Array, Block, Dtype, partitioned
-from mmjax.models.vilt import HeadTransform
+from mmjax.models.vilt import HeadTransform, tied_mlm_logits
 
 REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
 
@@ -224,11 +224,9 @@ class ViLBERT(nn.Module):
             # Class dim unnamed: 2 classes never divide a mesh axis.
             out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
         if self.mlm_head:
-            h = head(name="mlm_transform")(text)
-            # Decoder tied to the word embeddings (BERT/ViLBERT): only its bias is a new parameter.
-            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
-            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
-            out["mlm_logits"] = logits.astype(jnp.float32)
+            out["mlm_logits"] = tied_mlm_logits(self, text, word_table, activation=self.activation,
+                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
+                                                param_dtype=self.param_dtype)
         if self.mrc_head:
             # Masked region classification: predict the detector's class distribution of masked regions.
             h = head(name="mrc_transform")(regions)

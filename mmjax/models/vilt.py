@@ -94,6 +94,18 @@ class VQAHead(nn.Module):
                      bias_init=partitioned(layers.zeros_init, (None,)), name="out")(x)
 
 
+def tied_mlm_logits(owner: nn.Module, tokens: Array, word_table: Array, *, activation: str, ln_epsilon: float,
+                    dtype: Dtype, param_dtype: Dtype) -> Array:
+    """BERT's MLM head inside `owner`'s compact scope: HeadTransform `mlm_transform`, then a decoder tied to
+    `word_table` [V, D] plus a new bias `mlm_bias` [V]; float32 logits [..., V]. Shared by ViLT, UNITER,
+    ViLBERT and FusionModel, whose parameter names (and so the HF mappings) stay the same."""
+    h = HeadTransform(activation=activation, ln_epsilon=ln_epsilon, dtype=dtype, param_dtype=param_dtype,
+                      name="mlm_transform")(tokens)
+    bias = owner.param("mlm_bias", partitioned(layers.zeros_init, ("vocab",)), (word_table.shape[0],), param_dtype)
+    logits = layers.matmul_last(h, word_table.astype(dtype).T) + bias.astype(dtype)
+    return logits.astype(jnp.float32)
+
+
 class ViLT(nn.Module):
     """Vision-and-Language Transformer: single-stream encoder over [text tokens; image cls + patches].
 
@@ -279,11 +291,9 @@ class ViLT(nn.Module):
         head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         if self.mlm_head:
-            h = head(name="mlm_transform")(text_tokens)
-            # Decoder tied to the word embeddings (BERT/ViLT): only its bias is a new parameter.
-            bias = self._param("mlm_bias", layers.zeros_init, ("vocab",), (self.vocab_size,))
-            logits = layers.matmul_last(h, word_table.astype(self.dtype).T) + bias.astype(self.dtype)
-            out["mlm_logits"] = logits.astype(jnp.float32)
+            out["mlm_logits"] = tied_mlm_logits(self, text_tokens, word_table, activation=self.activation,
+                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
+                                                param_dtype=self.param_dtype)
         if self.itm_head:
             out["itm_logits"] = dense(2, kernel_init=partitioned(layers.dense_init, ("embed", None)),
                                       bias_init=partitioned(layers.zeros_init, (None,)),
