@@ -66,7 +66,9 @@ def our_outputs(model, variables, architecture: str, inputs: dict[str, np.ndarra
     out = jax.jit(model.apply)(variables, batch)
     if architecture == "ViltModel":
         return {n: np.asarray(out[n]) for n in ("last_hidden_state", "pooler_output")}
-    return {"logits": np.asarray(out[hf_vilt.LOGITS_KEY[architecture]])}
+    # A converted single-head model also returns HF's own name, `logits`, for that head.
+    np.testing.assert_array_equal(out["logits"], out[hf_vilt.LOGITS_KEY[architecture]])
+    return {"logits": np.asarray(out["logits"])}
 
 
 def max_diffs(ours: dict, theirs: dict) -> dict[str, float]:

@@ -6,8 +6,8 @@
     ViltForImageAndTextRetrieval  -> ViLT(rank_head=True)                   "vilt." + rank_output.*
 
 Outputs: our ViLT returns HF's `last_hidden_state` and `pooler_output` under those names, and each head's HF
-`logits` as `mlm_logits` / `vqa_logits` / `rank_logits` (`LOGITS_KEY[architecture]`). The module is our plain ViLT
-rather than a wrapper that renames to `logits`: `model_config` then rebuilds it with `build_model`, its variables
+`logits` as `mlm_logits` / `vqa_logits` / `rank_logits` (`LOGITS_KEY[architecture]`), and also as `logits` since a
+converted model has that one head only. The module is our plain ViLT rather than a wrapper: `model_config` then rebuilds it with `build_model`, its variables
 are the ones training and `export` use, and a model with several heads keeps them apart.
 
 Where HF and we differ (parity holds at the training resolution, image_size x image_size, no pixel mask):

@@ -243,7 +243,7 @@ class ViLT(nn.Module):
 
         Hugging Face names too: last_hidden_state [B, L+1+N, D] (= [text_tokens; image_tokens]) and pooler_output
         (= pooled). HF's `logits` of ViltForMaskedLM / ViltForQuestionAnswering / ViltForImageAndTextRetrieval are
-        mlm_logits / vqa_logits / rank_logits.
+        mlm_logits / vqa_logits / rank_logits, also returned as `logits` when that is the model's only head.
 
         N is the number of image patches kept (all of them unless max_image_len caps it; patch_index says which).
         Head outputs are float32 (the losses' softmax / regression run in float32); the rest is in `dtype`.
@@ -314,4 +314,8 @@ class ViLT(nn.Module):
             out["rank_logits"] = dense(1, kernel_init=partitioned(layers.dense_init, ("embed", None)),
                                        bias_init=partitioned(layers.zeros_init, (None,)),
                                        name="rank_head")(pooled).astype(jnp.float32)
+        hf_heads = [k for k in ("mlm_logits", "vqa_logits", "rank_logits") if k in out]
+        if len(hf_heads) == 1 and not self.itm_head and not self.mpp_head:
+            # Exactly one Hugging Face head (a converted ViltFor... checkpoint): HF calls its output `logits`.
+            out["logits"] = out[hf_heads[0]]
         return out
