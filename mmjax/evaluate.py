@@ -13,29 +13,20 @@ import os
 import sys
 from typing import Any
 
+import flax.linen as nn
+import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-
-
-def _define_flags() -> None:
-    """CLI flags, defined only when run as a program: mmjax.train defines the same names."""
-    config_flags.DEFINE_config_file("config", None, "Config file (default: WORKDIR/config.json).",
-                                    lock_config=False)
-    flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint to evaluate.")
+from mmjax import checkpoint, optim, pretrained, sharding
+# The trainer's module defines --config and --workdir; this program reads the same two flags.
+from mmjax import train as trainer
+from mmjax.data import pipeline
+from mmjax.models import build_model
+from mmjax.tasks import get_task
 
 
 def evaluate(config: Any, workdir: str | None = None) -> dict[str, float]:
     """Builds model and task as the trainer does, loads weights (checkpoint, else init_from) and evaluates."""
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from mmjax import checkpoint, optim, pretrained, sharding  # pylint: disable=import-outside-toplevel
-    from mmjax import train as trainer  # pylint: disable=import-outside-toplevel
-    from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
-    from mmjax.models import build_model  # pylint: disable=import-outside-toplevel
-    from mmjax.tasks import get_task  # pylint: disable=import-outside-toplevel
-
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding.rules)
     tokenizer = pipeline.load_tokenizer(config.data)
@@ -66,8 +57,6 @@ def evaluate(config: Any, workdir: str | None = None) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     """CLI entry point: one JSON line of metrics; input errors end in one line."""
     del argv
-    from mmjax import checkpoint  # pylint: disable=import-outside-toplevel
-
     workdir = flags.FLAGS.workdir
     try:
         config = flags.FLAGS.config
@@ -86,5 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
     app.run(main)

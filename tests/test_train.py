@@ -146,3 +146,18 @@ def test_dry_run_builds_base_abstractly(load_config):
     forward = 14.8e9
     assert 0.95 * 3 * forward * 8 < summary["train_step_flops"] < 1.25 * 3 * forward * 8
     assert jax.device_count() == 8
+
+
+def test_evaluate_cli_reproduces_the_final_eval(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    final = trainer.train_and_evaluate(tiny_config, workdir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "mmjax.evaluate", f"--workdir={workdir}"], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f) == printed
+    for key, value in final.items():
+        assert printed[key] == pytest.approx(float(value), abs=1e-6), key
