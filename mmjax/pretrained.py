@@ -116,14 +116,13 @@ def graft(params: Any, pretrained: Any, source: str = "", target: str = "") -> A
         raise ValueError("init_from: pretrained weights do not fit the model at target "
                          f"{target!r}: " + "; ".join(f"{k}: model {want.get(k)}, pretrained {got.get(k)}"
                                                     for k in diff[:5]))
+    # The model's dtypes win (e.g. a float16 checkpoint into float32 params).
+    fitted = jax.tree.map(lambda a, b: np.asarray(b, dtype=a.dtype), old, new)
     keys = [k for k in target.split("/") if k]
-    if not keys:
-        return jax.tree.map(lambda a, b: np.asarray(b, dtype=np.asarray(a).dtype), old, new)
 
-    def replace(tree: Mapping, i: int) -> dict:
-        out = dict(tree)
-        out[keys[i]] = (jax.tree.map(lambda a, b: np.asarray(b, dtype=a.dtype), tree[keys[i]], new)
-                        if i == len(keys) - 1 else replace(tree[keys[i]], i + 1))
-        return out
+    def replace(tree: Mapping, i: int) -> Any:
+        if i == len(keys):
+            return fitted
+        return {**tree, keys[i]: replace(tree[keys[i]], i + 1)}
 
     return replace(params, 0)

@@ -103,7 +103,7 @@ def test_patch_models_get_no_region_keys():
     assert "region_feats" not in seen and "image" in seen
 
 
-def test_wpa_of_identical_streams_is_zero_and_signed_by_label():
+def test_wpa_runs_on_the_itm_rows_and_is_zero_for_identical_streams():
     # Identical unit tokens on both sides: cost 0 everywhere, so the OT distance of every pair is 0.
     _, metrics = _rows(_config(wpa=1.0))
     assert float(metrics["wpa_loss"]) == pytest.approx(0.0, abs=1e-6)
