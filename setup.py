@@ -24,6 +24,8 @@ setup(
         "numpy>=1.26",
         "tensorboard>=2.16",
         "safetensors>=0.4",
+        # TFDS catalogue builders (coco_captions, ...) import it to find their checksums when they prepare.
+        "importlib_resources>=5",
     ],
     extras_require={
         "test": ["pytest>=8"],

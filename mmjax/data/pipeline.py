@@ -40,7 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mmjax.data import easy_vqa_captions
+from mmjax.data import easy_vqa_captions, streaming
 from mmjax.data.tokenizer import Tokenizer
 
 # TF is only the input pipeline here: keep it off the accelerators (JAX owns them) and quiet.
@@ -67,22 +67,51 @@ def default_data_config() -> ml_collections.ConfigDict:
         prefetch=2,
         train_split="train",
         eval_split="test",
-        # Region inputs for region-based models (UNITER, ViLBERT); see `region_inputs`.
-        regions=dict(enabled=False, crop=8, grid=2),
+        # Region inputs for region-based models (UNITER, ViLBERT). The embedded dataset makes them from pixels
+        # (crop, grid; see `region_inputs`); real sources carry precomputed features (max_regions, feature_dim,
+        # num_classes; see mmjax/data/image_text.py for the format).
+        regions=dict(enabled=False, crop=8, grid=2, max_regions=36, feature_dim=config_dict.placeholder(int),
+                     num_classes=config_dict.placeholder(int)),
+        # Real datasets (see mmjax/data/streaming.py): {key: streaming.source_config(...)}; empty = the embedded
+        # dataset `name`. Several sources are mixed by their weights.
+        sources=ml_collections.ConfigDict(),
+        eval_source=config_dict.placeholder(str),  # the source evaluated on (default: the first)
+        normalization=config_dict.placeholder(str),  # a preprocess.NORMALIZATION preset; overrides mean / std
+        answers=False,          # VQA sources: also deliver the answer soft scores as `answers` [V]
     ))
+
+
+def uses_sources(data_config: ml_collections.ConfigDict) -> bool:
+    """Whether the config reads real sources (data.sources) rather than the embedded dataset."""
+    return bool(data_config.get("sources"))
 
 
 NUM_REGION_CLASSES = len(easy_vqa_captions.CLASS_NAMES) + 1  # the 24 object classes + background (last)
 
 
 def num_regions(data_config: ml_collections.ConfigDict) -> int:
-    """Regions per image: the object box, the whole image and a grid x grid tiling."""
+    """Regions per image: max_regions for real sources; embedded: the object box, the whole image and a grid."""
+    if uses_sources(data_config):
+        return int(data_config.regions.max_regions)
     return 2 + data_config.regions.grid ** 2
 
 
 def region_feat_dim(data_config: ml_collections.ConfigDict) -> int:
-    """Length of one region feature: the crop x crop x 3 normalised pixels of the box."""
+    """Length of one region feature: regions.feature_dim for real sources; embedded: crop x crop x 3 pixels."""
+    if uses_sources(data_config):
+        if not data_config.regions.get("feature_dim"):
+            raise ValueError("data.regions.feature_dim must be set for precomputed region features")
+        return int(data_config.regions.feature_dim)
     return data_config.regions.crop ** 2 * 3
+
+
+def num_region_classes(data_config: ml_collections.ConfigDict) -> int:
+    """Classes of the regions' soft targets: regions.num_classes for real sources; embedded: 24 + background."""
+    if uses_sources(data_config):
+        if not data_config.regions.get("num_classes"):
+            raise ValueError("data.regions.num_classes must be set (the width of the dataset's region_class_probs)")
+        return int(data_config.regions.num_classes)
+    return NUM_REGION_CLASSES
 
 
 def region_inputs(image: tf.Tensor, bbox: tf.Tensor, label: tf.Tensor,
@@ -157,11 +186,18 @@ def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
     """`data_config.tokenizer` if set, else the default tokenizer saved with the dataset."""
     if data_config.tokenizer:
         return Tokenizer.from_path(data_config.tokenizer)
+    if uses_sources(data_config):
+        path = streaming.source_tokenizer_path(data_config)
+        if path is None:
+            raise ValueError("no tokenizer: set data.tokenizer (a tokenizer.json / vocab.txt); datasets built by "
+                             "`python -m mmjax.data.build` carry one")
+        return Tokenizer.from_path(path)
     return Tokenizer.from_path(easy_vqa_captions.tokenizer_path(load_builder(data_config).data_dir))
 
 
 def class_prompts(tokenizer: Tokenizer, max_len: int) -> dict:
-    """Zero-shot prompts for every (class, template): text_ids / text_mask int32 [24, T, L] + names."""
+    """Zero-shot prompts for every (class, template) of the embedded dataset: text_ids / text_mask int32
+    [24, T, L] + names."""
     prompts = easy_vqa_captions.render_prompts()
     n_cls, n_tpl = len(prompts), len(prompts[0])
     ids, mask = tokenizer.encode([p for row in prompts for p in row], max_len)
@@ -277,6 +313,13 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     other_shape_text_ids and masks; see eval_batches), for image-text matching negatives.
     """
     process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
+    if uses_sources(data_config):
+        if hard_negatives:
+            raise ValueError("hard (one-attribute) negative captions exist only for the embedded dataset; "
+                             "with data.sources use in-batch negatives")
+        ds = streaming.train_dataset(data_config, batch_size=b, seed=seed, start_step=start_step,
+                                     process_index=process_index, process_count=process_count)
+        return _to_numpy_batches(ds, tokenizer, data_config.max_len)
     data = _load_shard(data_config.name, data_config.data_dir, data_config.train_split, process_index,
                        process_count, data_config.image_size)
     n = len(data["label"])
@@ -327,8 +370,14 @@ def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
     easy_vqa_captions.hard_negative_captions): other_color_text_ids / _mask (same shape, another colour) and
     other_shape_text_ids / _mask (same colour, another shape), for image-text matching that tests grounding.
     """
-    split = split or data_config.eval_split
     process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
+    if uses_sources(data_config):
+        if hard_negatives:
+            raise ValueError("hard (one-attribute) negative captions exist only for the embedded dataset")
+        ds = streaming.eval_dataset(data_config, batch_size=b, split=split, process_index=process_index,
+                                    process_count=process_count)
+        return _to_numpy_batches(ds, tokenizer, data_config.max_len)
+    split = split or data_config.eval_split
     data = _load_shard(data_config.name, data_config.data_dir, split, process_index, process_count,
                        data_config.image_size)
     n = len(data["label"])

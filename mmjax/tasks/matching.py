@@ -68,12 +68,13 @@ def default_task_config(**objectives: float) -> ml_collections.ConfigDict:
 class MatchingTask:
     """MLM + ITM (+ WPA, MRFR, MRC) for fusion models; see the module docstring for rows, masks and metrics."""
 
-    data_options = {"hard_negatives": True}
-
     def __init__(self, model: nn.Module, config: Any, mesh: Mesh, tokenizer: Any):
         self.model = model
         self.config = config
         self.mesh = mesh
+        # One-attribute negative captions come with the embedded dataset only; real data uses in-batch negatives.
+        self.attribute_negatives = not pipeline.uses_sources(config.data)
+        self.data_options = {"hard_negatives": self.attribute_negatives}
         self.tokenizer = DRY_RUN_TOKENIZER if tokenizer is None else tokenizer
         unknown = sorted(set(config.objectives) - set(OBJECTIVES))
         if unknown:
@@ -86,6 +87,8 @@ class MatchingTask:
             raise ValueError("objectives mrfr / mrc need region inputs: set data.regions.enabled=True")
         neg = config.itm.negatives
         probs = np.array([float(neg[k]) for k in NEGATIVE_KINDS])
+        if not self.attribute_negatives:
+            probs[1:] = 0.0  # real data has no attribute-swapped captions: every mismatch is in-batch
         if probs.sum() <= 0:
             raise ValueError(f"itm.negatives must give some weight to one of {NEGATIVE_KINDS}")
         self.negative_logits = np.log(np.maximum(probs / probs.sum(), 1e-12)).astype(np.float32)
@@ -118,13 +121,13 @@ class MatchingTask:
     def train_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of one training batch as the pipeline delivers it (for a dry run of the step)."""
         shapes = pipeline.batch_shapes(self.config.data, batch_size)
-        for prefix in ("other_color_", "other_shape_"):
+        for prefix in ("other_color_", "other_shape_") if self.attribute_negatives else ():
             shapes[prefix + "text_ids"] = shapes["text_ids"]
             shapes[prefix + "text_mask"] = shapes["text_mask"]
-        if self.regions:
+        if self.regions and self.weights["mrc"]:
             r = shapes["region_mask"].shape[1]
-            shapes["region_targets"] = jax.ShapeDtypeStruct((batch_size, r, pipeline.NUM_REGION_CLASSES),
-                                                            np.float32)
+            shapes["region_targets"] = jax.ShapeDtypeStruct(
+                (batch_size, r, pipeline.num_region_classes(self.config.data)), np.float32)
         return shapes
 
     def _special_ids(self) -> list[int]:
@@ -148,6 +151,8 @@ class MatchingTask:
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
         neg_index, valid = objectives.itm_negatives(k_batch, jnp.zeros(same.shape, jnp.float32),
                                                     same_image=same, hard=False)
+        if not self.attribute_negatives:
+            return ids[neg_index], mask[neg_index], valid
         candidates_ids = jnp.stack([ids[neg_index], batch["other_color_text_ids"], batch["other_shape_text_ids"]])
         candidates_mask = jnp.stack([mask[neg_index], batch["other_color_text_mask"],
                                      batch["other_shape_text_mask"]])
@@ -242,9 +247,11 @@ class MatchingTask:
         """Held-out ITM accuracy (true pairs, random and one-attribute mismatches), MLM and MRC accuracy."""
         cfg = self.config
         tok = self.tokenizer
+        attributes = self.attribute_negatives  # the embedded dataset's colour / shape words and captions
         word_id = {w: tok.encode([w], 3)[0][0][1] for w in (*easy_vqa_captions.COLORS, *easy_vqa_captions.SHAPES)}
         color_ids = np.array([word_id[w] for w in easy_vqa_captions.COLORS])
         shape_ids = np.array([word_id[w] for w in easy_vqa_captions.SHAPES])
+        background = pipeline.num_region_classes(cfg.data) - 1 if self.regions and self.weights["mrc"] else None
         mask_fn = jax.jit(self._mask)
         region_fn = jax.jit(lambda k, m: objectives.mask_regions(k, m, self.region_mask_prob))
         totals: dict[str, list[float]] = {}
@@ -255,7 +262,7 @@ class MatchingTask:
             s[1] += float(np.sum(weight))
 
         for i, local in enumerate(pipeline.eval_batches(cfg.data, tok, global_batch_size=cfg.eval.batch_size,
-                                                        hard_negatives=True)):
+                                                        hard_negatives=attributes)):
             # Metrics see the global batch (every process's rows, in the order of the global arrays).
             local = {k: sharding.global_numpy(v, self.mesh) for k, v in local.items()}
             real = np.asarray(local["mask"], np.float32)
@@ -264,9 +271,10 @@ class MatchingTask:
             rolled_ids, rolled_mask = np.roll(ids, 1, axis=0), np.roll(mask, 1, axis=0)
             differs = np.any(rolled_ids != ids, axis=1).astype(np.float32)
             masked_ids, labels, label_mask = (np.asarray(x) for x in mask_fn(jax.random.key(i), ids, mask))
-            variants = {"true": (ids, mask, 1), "random": (rolled_ids, rolled_mask, 0),
-                        "other_color": (local["other_color_text_ids"], local["other_color_text_mask"], 0),
-                        "other_shape": (local["other_shape_text_ids"], local["other_shape_text_mask"], 0)}
+            variants = {"true": (ids, mask, 1), "random": (rolled_ids, rolled_mask, 0)}
+            if attributes:
+                variants["other_color"] = (local["other_color_text_ids"], local["other_color_text_mask"], 0)
+                variants["other_shape"] = (local["other_shape_text_ids"], local["other_shape_text_mask"], 0)
             for name, (t_ids, t_mask, target) in variants.items():
                 out = self._run(params, local, t_ids, t_mask)
                 correct = (np.argmax(out["itm_logits"], -1) == target).astype(np.float32)
@@ -276,9 +284,10 @@ class MatchingTask:
             chosen = (label_mask > 0) * real[:, None]
             hit = (pred == labels).astype(np.float32)
             add("mlm_acc", hit, chosen)
-            add("mlm_acc_color_words", hit, chosen * np.isin(labels, color_ids))
-            add("mlm_acc_shape_words", hit, chosen * np.isin(labels, shape_ids))
-            if self.regions and "mrc_logits" in out:
+            if attributes:
+                add("mlm_acc_color_words", hit, chosen * np.isin(labels, color_ids))
+                add("mlm_acc_shape_words", hit, chosen * np.isin(labels, shape_ids))
+            if self.regions and "mrc_logits" in out and "region_targets" in local:
                 masked = np.asarray(region_fn(jax.random.key(10_000 + i), local["region_mask"]))
                 out = self._run(params, local, ids, mask, region_masked=masked)
                 target = np.argmax(local["region_targets"], -1)
@@ -286,11 +295,13 @@ class MatchingTask:
                 add("mrc_acc", hit, masked * real[:, None])
                 # Most boxes are mostly background; the masked regions whose majority class is an object are
                 # the ones where classifying takes evidence (the text and the other regions).
-                add("mrc_acc_object", hit, masked * real[:, None] * (target != pipeline.NUM_REGION_CLASSES - 1))
+                add("mrc_acc_object", hit, masked * real[:, None] * (target != background))
 
         metrics = {k: s[0] / max(s[1], 1.0) for k, s in totals.items()}
         # Balanced accuracies: true pairs weigh as much as the mismatches they are contrasted with.
         metrics["itm_acc"] = 0.5 * (metrics["itm_acc_true"] + metrics["itm_acc_random"])
+        if not attributes:
+            return metrics
         metrics["itm_acc_hard"] = 0.5 * metrics["itm_acc_true"] + 0.25 * (
             metrics["itm_acc_other_color"] + metrics["itm_acc_other_shape"])
         return metrics
