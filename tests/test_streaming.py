@@ -51,6 +51,24 @@ class MmjaxTestCaptions(tfds.core.GeneratorBasedBuilder):
                       "region_class_probs": np.tile(np.eye(REGION_CLASSES, dtype=np.float32)[i % 3], (r, 1))}
 
 
+class MmjaxTestManual(tfds.core.GeneratorBasedBuilder):
+    """A catalogue-style dataset whose source files the user places in manual_dir (like ImageNet's)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Place captions.txt (one caption per line) in manual_dir."
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(12, 12, 3)), "image_id": np.int64, "captions": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"validation": self._generate_examples(dl_manager.manual_dir / "captions.txt")}
+
+    def _generate_examples(self, path):
+        for i, text in enumerate(path.read_text().splitlines()):
+            yield i, {"image": _image(i), "image_id": i, "captions": text}
+
+
 @pytest.fixture(scope="module")
 def captions_dir(tmp_path_factory):
     """data_dir with mmjax_test_captions prepared in 4 shards per split, plus a tokenizer for its captions."""
@@ -311,3 +329,19 @@ def test_catalogue_coco_captions_layout(tmp_path, monkeypatch):
     assert sorted(batch["image_id"]) == list(range(100, 106))
     # Cleaned (whitespace collapsed) and lowercased, with the caption of the image it came with.
     assert tok.decode(batch["text_ids"]) == [f"a photo of {i}" for i in batch["image_id"]]
+
+
+def test_catalogue_source_prepared_from_manual_dir(captions_dir, tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "captions.txt").write_text("caption 0 first\ncaption 1 first\ncaption 2 first\n")
+    c = _config(captions_dir)
+    c.sources.cap.update(name="mmjax_test_manual", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+                         eval_split="validation")
+    tok = pipeline.load_tokenizer(c)
+    with pytest.raises(ValueError, match="not prepared.*--manual_dir="):
+        next(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))
+    c.sources.cap.prepare = True
+    batch = next(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))
+    # A scalar caption feature reads as a one-caption list.
+    assert sorted(tok.decode(batch["text_ids"])) == ["caption 0 first", "caption 1 first", "caption 2 first"]

@@ -125,7 +125,8 @@ def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
                     f"{' --manual_dir=' + cfg.manual_dir if cfg.manual_dir else ''}` (datasets that download "
                     f"need the network), or set data.sources.{key}.prepare=True")
             logging.info("preparing %s in %s", cfg.name, builder.data_dir)
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=cfg.manual_dir))
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=cfg.manual_dir, try_download_gcs=False))
     file_format = str(getattr(builder.info, "file_format", None) or "tfrecord").lower()
     if "tfrecord" not in file_format:
         raise ValueError(f"data.sources.{key}: {builder.name} is stored as {file_format}; the streaming reader "
@@ -374,6 +375,8 @@ def mixture_counts(weights: list[float], position: int, *, seed: int, process_in
         return total
 
     counts = np.zeros(k, np.int64)
+    if full > 10_000:
+        logging.info("counting the mixture's first %d draws to resume it exactly", position)
     for lo in range(0, full, 1024):
         counts += count(tf.constant(lo, tf.int64), tf.constant(min(lo + 1024, full), tf.int64)).numpy()
     if rest:
