@@ -1,5 +1,10 @@
 """tf.data input pipelines: TFDS split -> per-process numpy batches.
 
+Two paths behind one interface: the embedded dataset (`data.name`, held in memory, below) and real datasets
+(`data.sources`: TFDS catalogue names or prepared directories, mixed by weight, streamed from their TFRecord
+shards; see mmjax/data/streaming.py). Both give the same batch keys, the same (seed, step) order with exact resume,
+the same per-process split and the same eval padding.
+
     data_config = default_data_config()
     tokenizer = load_tokenizer(data_config)
     it = train_iterator(data_config, tokenizer, global_batch_size=256, seed=0)

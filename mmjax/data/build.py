@@ -1,0 +1,126 @@
+"""Builds TFDS datasets from your own files, offline; prints the prepared dataset directory.
+
+    python -m mmjax.data.build image_text --annotations=my_data/captions.jsonl --images=my_data/images \\
+        --out=my_data/tfds [--name=NAME] [--regions=DIR] [--eval_fraction=0.05] [--skip_bad] \\
+        [--tokenizer_vocab_size=8000]
+    python -m mmjax.data.build vqa --train=QUESTIONS.json,ANNOTATIONS.json,IMAGE_DIR[,PATTERN] \\
+        [--validation=...] [--test=QUESTIONS.json,,IMAGE_DIR,PATTERN] --out=DIR [--name=vqa] \\
+        [--vocab_size=3129] [--answer_vocab=FILE] [--skip_bad] [--tokenizer_vocab_size=8000]
+    python -m mmjax.data.build easy_vqa --out=DIR [--limit=N]
+
+`image_text` is `mmjax.data.image_text.build_image_text` and `vqa` is `mmjax.data.vqa.build_vqa` (their module
+docstrings document the file formats). A vqa split is "questions,annotations,image folder[,image pattern]"; leave
+the annotations empty for a split without answers; the pattern defaults to VQAv2's
+"COCO_{coco_split}_{image_id:012d}.jpg". `easy_vqa` writes the easy-vqa package's train and test splits as
+VQAv2 files into `<out>/easy_vqa_files/` (first `limit` questions of each) and builds them as dataset "easy_vqa".
+
+Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split and
+the skip summary. Bad input prints `error: <message>` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from mmjax.data import image_text, vqa
+
+import tensorflow_datasets as tfds
+from absl import app, flags
+
+COMMANDS = ("image_text", "vqa", "easy_vqa")
+VQA_SPLITS = ("train", "validation", "test")
+
+
+def parse_vqa_split(spec: str) -> dict:
+    """"QUESTIONS,ANNOTATIONS,IMAGE_DIR[,PATTERN]" -> a `build_vqa` split dict (empty ANNOTATIONS: none)."""
+    parts = spec.split(",", 3)
+    if len(parts) < 3 or not parts[0] or not parts[2]:
+        raise ValueError(f"expected QUESTIONS.json,ANNOTATIONS.json,IMAGE_DIR[,PATTERN], got {spec!r}")
+    files = {"questions": parts[0], "annotations": parts[1] or None, "images": parts[2]}
+    if len(parts) == 4 and parts[3]:
+        files["image_pattern"] = parts[3]
+    return files
+
+
+def run(command: str, values: dict) -> str:
+    """Builds the dataset of `command` from flag `values`; returns the prepared directory."""
+    if not values.get("out"):
+        raise ValueError("--out is required")
+    if command == "image_text":
+        for key in ("annotations", "images"):
+            if not values.get(key):
+                raise ValueError(f"--{key} is required")
+        return image_text.build_image_text(
+            values["annotations"], values["images"], values["out"], name=values.get("name"),
+            regions=values.get("regions"), eval_fraction=values["eval_fraction"], skip_bad=values["skip_bad"],
+            tokenizer_vocab_size=values["tokenizer_vocab_size"])
+    if command == "vqa":
+        splits = {s: parse_vqa_split(values[s]) for s in VQA_SPLITS if values.get(s)}
+        if not splits:
+            raise ValueError("give at least one of --train, --validation, --test")
+        return vqa.build_vqa(splits, values["out"], name=values.get("name") or "vqa",
+                             vocab_size=values["vocab_size"], answer_vocab=values.get("answer_vocab"),
+                             skip_bad=values["skip_bad"], tokenizer_vocab_size=values["tokenizer_vocab_size"])
+    if command == "easy_vqa":
+        files_dir = os.path.join(values["out"], "easy_vqa_files")
+        splits = {s: vqa.write_easy_vqa_as_vqav2(files_dir, s, limit=values.get("limit")) for s in ("train", "test")}
+        return vqa.build_vqa(splits, values["out"], name=values.get("name") or "easy_vqa",
+                             vocab_size=values["vocab_size"], skip_bad=values["skip_bad"],
+                             tokenizer_vocab_size=values["tokenizer_vocab_size"])
+    raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+
+
+def report(path: str) -> None:
+    """Prints the prepared directory and its examples per split."""
+    info = tfds.builder_from_directory(path).info
+    print(f"prepared dataset: {path}")
+    for split, split_info in info.splits.items():
+        print(f"  {split}: {split_info.num_examples} examples")
+
+
+def _define_flags() -> None:
+    """The CLI's flags; only defined when run as a program (other mmjax modules define absl flags too)."""
+    flags.DEFINE_string("out", None, "TFDS data dir to build into.")
+    flags.DEFINE_string("name", None, "Dataset (config) name; image_text: the annotation file's stem.")
+    flags.DEFINE_bool("skip_bad", False, "Skip (and count) bad rows instead of failing.")
+    flags.DEFINE_integer("tokenizer_vocab_size", 8000, "WordPiece vocabulary size; 0: no tokenizer.")
+    flags.DEFINE_string("annotations", None, "image_text: .jsonl / .csv / .tsv annotation file.")
+    flags.DEFINE_string("images", None, "image_text: folder the image paths are relative to.")
+    flags.DEFINE_string("regions", None, "image_text: folder of per-image region .npz files.")
+    flags.DEFINE_float("eval_fraction", 0.05, "image_text: images held out as validation when no split given.")
+    for split in VQA_SPLITS:
+        flags.DEFINE_string(split, None, f"vqa: {split} split, QUESTIONS,ANNOTATIONS,IMAGE_DIR[,PATTERN].")
+    flags.DEFINE_integer("vocab_size", vqa.DEFAULT_VOCAB_SIZE, "vqa: answer vocabulary size.")
+    flags.DEFINE_string("answer_vocab", None, "vqa: existing answer vocabulary (JSON list) to use.")
+    flags.DEFINE_integer("limit", None, "easy_vqa: first N questions per split.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs one command; exits 2 with `error: ...` on bad input."""
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        print(f"error: usage: python -m mmjax.data.build {{{'|'.join(COMMANDS)}}} --out=DIR ... "
+              f"(got {' '.join(argv[1:]) or 'no command'})", file=sys.stderr)
+        sys.exit(2)
+    values = {name: flags.FLAGS[name].value for name in flags.FLAGS}
+    try:
+        path = run(argv[1], values)
+    except (ValueError, OSError) as e:  # bad input or an unreadable / unwritable path: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    report(path)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag reported like bad input (exit 2) instead of absl's usage dump."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)
