@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 from absl import app, flags, logging
 
-from mmjax import checkpoint, optim, pretrained, sharding
+from mmjax import checkpoint, cli_logging, optim, pretrained, sharding
 # The trainer's module defines --config and --workdir; this program reads the same two flags.
 from mmjax import train as trainer
 from mmjax.data import pipeline
@@ -57,6 +57,7 @@ def evaluate(config: Any, workdir: str | None = None) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     """CLI entry point: one JSON line of metrics; input errors end in one line."""
     del argv
+    cli_logging.quiet_foreign_info()
     workdir = flags.FLAGS.workdir
     try:
         config = flags.FLAGS.config

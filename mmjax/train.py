@@ -11,7 +11,6 @@ checkpoints/, metrics.jsonl (one JSON record per line) and tensorboard/.
 from __future__ import annotations
 
 import functools
-import logging as std_logging
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, optim, pretrained, sharding
+from mmjax import checkpoint, cli_logging, optim, pretrained, sharding
 from mmjax.data import pipeline
 from mmjax.metrics_writer import MetricWriter
 from mmjax.models import build_model
@@ -252,18 +251,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-class _OnlyOurInfo(std_logging.Filter):
-    """Keeps INFO lines from mmjax only: orbax, jax and tfds log every internal step at INFO through absl."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or f"{os.sep}mmjax{os.sep}" in record.pathname
-
-
 def main(argv: list[str]) -> None:
     """CLI entry point."""
     del argv
-    if logging.get_verbosity() < logging.DEBUG:
-        logging.get_absl_handler().addFilter(_OnlyOurInfo())
+    cli_logging.quiet_foreign_info()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")

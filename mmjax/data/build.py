@@ -24,6 +24,7 @@ import os
 import sys
 from typing import Sequence
 
+from mmjax import cli_logging
 from mmjax.data import image_text, vqa
 
 import tensorflow_datasets as tfds
@@ -103,6 +104,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"error: usage: python -m mmjax.data.build {{{'|'.join(COMMANDS)}}} --out=DIR ... "
               f"(got {' '.join(argv[1:]) or 'no command'})", file=sys.stderr)
         sys.exit(2)
+    cli_logging.quiet_foreign_info()
     values = {name: flags.FLAGS[name].value for name in flags.FLAGS}
     try:
         path = run(argv[1], values)
