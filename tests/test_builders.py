@@ -150,6 +150,24 @@ def test_csv_holdout_and_no_tokenizer(images, tmp_path):
     assert validation[0]["image_id"] == n
 
 
+def test_array_record_shards(images, tmp_path):
+    root, pixels = images
+    paths = sorted(p for p in pixels if p.endswith(".png"))
+    annotations = _write_jsonl(tmp_path / "caps.jsonl", [{"image": p, "caption": f"c {n}"} for n, p in enumerate(paths)])
+    path = it.build_image_text(annotations, root, str(tmp_path / "tfds"), file_format="array_record", num_shards=3,
+                               eval_fraction=0.3, tokenizer_vocab_size=0)  # every split needs >= 3 examples
+    files = sorted(f for f in os.listdir(path) if "-train." in f)
+    assert files == [f"mmjax_image_text-train.array_record-0000{i}-of-00003" for i in range(3)]
+    builder = tfds.builder_from_directory(path)
+    held_out = {ex["captions"][0] for ex in builder.as_data_source(split="validation")}
+    train = builder.as_data_source(split="train")
+    assert len(train) + len(held_out) == len(paths)
+    assert sorted(_texts(train[i]["captions"][0] for i in range(len(train)))) == sorted(
+        f"c {n}" for n in range(len(paths)) if f"c {n}".encode() not in held_out)
+    with pytest.raises(ValueError, match="file_format must be one of tfrecord, array_record"):
+        it.build_image_text(annotations, root, str(tmp_path / "other"), file_format="parquet")
+
+
 def test_holdout_is_deterministic_and_sized():
     paths = [f"dir/{i}.jpg" for i in range(100)]
     held = it.holdout_images(paths, 0.05)

@@ -69,15 +69,32 @@ class MmjaxTestManual(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": _image(i), "image_id": i, "captions": text}
 
 
-@pytest.fixture(scope="module")
-def captions_dir(tmp_path_factory):
+def _prepare(tmp_path_factory, file_format: str) -> str:
     """data_dir with mmjax_test_captions prepared in 4 shards per split, plus a tokenizer for its captions."""
-    data_dir = str(tmp_path_factory.mktemp("tfds_stream"))
-    builder = MmjaxTestCaptions(data_dir=data_dir)
+    data_dir = str(tmp_path_factory.mktemp(f"tfds_{file_format}"))
+    builder = MmjaxTestCaptions(data_dir=data_dir, file_format=file_format)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
     texts = [f"caption {i} first second" for i in range(2000)]
     train_wordpiece(texts, os.path.join(data_dir, "tok"), vocab_size=200)
     return data_dir
+
+
+@pytest.fixture(scope="module")
+def captions_dir(tmp_path_factory):
+    """The test dataset in TFRecord shards (sequential reads, shuffle buffer)."""
+    return _prepare(tmp_path_factory, "tfrecord")
+
+
+@pytest.fixture(scope="module")
+def array_record_dir(tmp_path_factory):
+    """The test dataset in ArrayRecord shards (random access, full permutations)."""
+    return _prepare(tmp_path_factory, "array_record")
+
+
+@pytest.fixture(params=["captions_dir", "array_record_dir"], ids=["tfrecord", "array_record"])
+def any_dir(request):
+    """Both shard formats, for the properties every source must have."""
+    return request.getfixturevalue(request.param)
 
 
 def _config(captions_dir, **source):
@@ -112,9 +129,9 @@ def test_train_batches_decode_the_stored_images(captions_dir):
         assert text in (f"caption {image_id} first", f"caption {image_id} second"), text
 
 
-def test_one_epoch_per_process_is_disjoint_and_complete(captions_dir):
+def test_one_epoch_per_process_is_disjoint_and_complete(any_dir):
     # 3 processes over 4 files: each reads its own even slice; together one epoch is every example exactly once.
-    c = _config(captions_dir)
+    c = _config(any_dir)
     tok = pipeline.load_tokenizer(c)
     seen = []
     for p in range(3):
@@ -127,9 +144,9 @@ def test_one_epoch_per_process_is_disjoint_and_complete(captions_dir):
     assert sum(len(s) for s in seen) == NUM_TRAIN
 
 
-def test_fewer_files_than_processes(captions_dir):
+def test_fewer_files_than_processes(any_dir):
     # The test split is one file per shard too, but 11 examples over 8 processes: files are split by range.
-    c = _config(captions_dir)
+    c = _config(any_dir)
     tok = pipeline.load_tokenizer(c)
     per_process = [list(pipeline.eval_batches(c, tok, global_batch_size=8, process_index=p, process_count=8))
                    for p in range(8)]
@@ -138,8 +155,8 @@ def test_fewer_files_than_processes(captions_dir):
     assert sorted(real) == list(range(1000, 1000 + NUM_TEST))
 
 
-def test_eval_padding_two_processes(captions_dir):
-    c = _config(captions_dir)
+def test_eval_padding_two_processes(any_dir):
+    c = _config(any_dir)
     tok = pipeline.load_tokenizer(c)
     runs = [list(pipeline.eval_batches(c, tok, global_batch_size=8, process_index=p, process_count=2))
             for p in range(2)]
@@ -164,10 +181,10 @@ def _augmented(captions_dir):
 
 
 @pytest.mark.parametrize("process_index", [0, 1])
-def test_exact_resume_with_augmentation(captions_dir, process_index):
+def test_exact_resume_with_augmentation(any_dir, process_index):
     # Batch k of a run restarted at step k equals batch k of the uninterrupted run: images (augmented), captions
     # and ids, across epoch boundaries (37 examples / 2 processes, 5 per process-batch: an epoch every ~4 steps).
-    c = _augmented(captions_dir)
+    c = _augmented(any_dir)
     tok = pipeline.load_tokenizer(c)
     kw = dict(global_batch_size=10, seed=3, process_index=process_index, process_count=2)
     full = [b for _, b in zip(range(12), pipeline.train_iterator(c, tok, **kw))]
@@ -179,14 +196,14 @@ def test_exact_resume_with_augmentation(captions_dir, process_index):
     # The order depends on the seed, and augmentations actually change the images.
     other = next(pipeline.train_iterator(c, tok, **dict(kw, seed=4)))
     assert not np.array_equal(other["image_id"], full[0]["image_id"])
-    plain = _config(captions_dir)
+    plain = _config(any_dir)
     first = next(pipeline.train_iterator(plain, tok, **kw))
     np.testing.assert_array_equal(first["image_id"], full[0]["image_id"])
     assert not np.allclose(first["image"], full[0]["image"])
 
 
-def test_epochs_are_reshuffled(captions_dir):
-    c = _config(captions_dir)
+def test_epochs_are_reshuffled(any_dir):
+    c = _config(any_dir)
     tok = pipeline.load_tokenizer(c)
     it = pipeline.train_iterator(c, tok, global_batch_size=1, seed=0, process_index=0, process_count=1)
     ids = _ids([next(it) for _ in range(2 * NUM_TRAIN)])
@@ -345,3 +362,18 @@ def test_catalogue_source_prepared_from_manual_dir(captions_dir, tmp_path):
     batch = next(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))
     # A scalar caption feature reads as a one-caption list.
     assert sorted(tok.decode(batch["text_ids"])) == ["caption 0 first", "caption 1 first", "caption 2 first"]
+
+
+def test_truncation_keeps_sep_and_whole_word_table(captions_dir):
+    c = _config(captions_dir)
+    c.max_len = 4  # "[CLS] caption 12 first [SEP]" does not fit: the text is cut, [SEP] stays last
+    tok = pipeline.load_tokenizer(c)
+    batch = next(pipeline.train_iterator(c, tok, global_batch_size=4, seed=0, process_index=0, process_count=1))
+    np.testing.assert_array_equal(batch["text_ids"][:, 0], tok.cls_id)
+    np.testing.assert_array_equal(batch["text_ids"][:, -1], tok.sep_id)
+    assert np.all(batch["text_mask"] == 1)
+    # A word the tokenizer splits keeps its "##" pieces, which whole-word masking groups back into one word.
+    table = tok.continuation_table()
+    ids, mask = tok.encode(["captionfirst"], 12)
+    pieces = ids[0][1: mask[0].sum() - 1]
+    assert len(pieces) > 1 and not table[pieces[0]] and table[pieces[1:]].all()

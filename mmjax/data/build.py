@@ -16,6 +16,10 @@ VQAv2 files into `<out>/easy_vqa_files/` (first `limit` questions of each) and b
 
 Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split and
 the skip summary. Bad input prints `error: <message>` on stderr and exits with status 2.
+
+Every command also takes `--file_format=tfrecord|array_record` (ArrayRecord files are read by random access:
+a resumed run needs no re-reading and each epoch is a full permutation) and `--num_shards=N` (files per split;
+by default TFDS sizes them, ~64 MB+; every split needs at least N examples; any number of files works with any number of hosts).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def run(command: str, values: dict) -> str:
     """Builds the dataset of `command` from flag `values`; returns the prepared directory."""
     if not values.get("out"):
         raise ValueError("--out is required")
+    storage = dict(file_format=values["file_format"], num_shards=values.get("num_shards"))
     if command == "image_text":
         for key in ("annotations", "images"):
             if not values.get(key):
@@ -56,20 +61,21 @@ def run(command: str, values: dict) -> str:
         return image_text.build_image_text(
             values["annotations"], values["images"], values["out"], name=values.get("name"),
             regions=values.get("regions"), eval_fraction=values["eval_fraction"], skip_bad=values["skip_bad"],
-            tokenizer_vocab_size=values["tokenizer_vocab_size"])
+            tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
     if command == "vqa":
         splits = {s: parse_vqa_split(values[s]) for s in VQA_SPLITS if values.get(s)}
         if not splits:
             raise ValueError("give at least one of --train, --validation, --test")
         return vqa.build_vqa(splits, values["out"], name=values.get("name") or "vqa",
                              vocab_size=values["vocab_size"], answer_vocab=values.get("answer_vocab"),
-                             skip_bad=values["skip_bad"], tokenizer_vocab_size=values["tokenizer_vocab_size"])
+                             skip_bad=values["skip_bad"], tokenizer_vocab_size=values["tokenizer_vocab_size"],
+                             **storage)
     if command == "easy_vqa":
         files_dir = os.path.join(values["out"], "easy_vqa_files")
         splits = {s: vqa.write_easy_vqa_as_vqav2(files_dir, s, limit=values.get("limit")) for s in ("train", "test")}
         return vqa.build_vqa(splits, values["out"], name=values.get("name") or "easy_vqa",
                              vocab_size=values["vocab_size"], skip_bad=values["skip_bad"],
-                             tokenizer_vocab_size=values["tokenizer_vocab_size"])
+                             tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
     raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
 
 
@@ -87,6 +93,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("name", None, "Dataset (config) name; image_text: the annotation file's stem.")
     flags.DEFINE_bool("skip_bad", False, "Skip (and count) bad rows instead of failing.")
     flags.DEFINE_integer("tokenizer_vocab_size", 8000, "WordPiece vocabulary size; 0: no tokenizer.")
+    flags.DEFINE_enum("file_format", "tfrecord", list(image_text.FILE_FORMATS),
+                      "Shard format: tfrecord, or array_record (random access, exact resume without re-reading).")
+    flags.DEFINE_integer("num_shards", None, "Files per split (default: TFDS sizes them), e.g. a multiple of hosts.")
     flags.DEFINE_string("annotations", None, "image_text: .jsonl / .csv / .tsv annotation file.")
     flags.DEFINE_string("images", None, "image_text: folder the image paths are relative to.")
     flags.DEFINE_string("regions", None, "image_text: folder of per-image region .npz files.")

@@ -551,10 +551,13 @@ class MmjaxImageText(tfds.core.GeneratorBasedBuilder):
 
 def build_image_text(annotations: str, images: str, out_dir: str, *, name: str | None = None,
                      regions: str | None = None, eval_fraction: float = 0.05, skip_bad: bool = False,
-                     tokenizer_vocab_size: int = 8000) -> str:
+                     tokenizer_vocab_size: int = 8000, file_format: str = "tfrecord",
+                     num_shards: int | None = None) -> str:
     """Builds (or rebuilds) the `mmjax_image_text/<name>` dataset under `out_dir`; returns the prepared directory.
 
-    `name` defaults to the annotation file's stem; see the module docstring for the file formats.
+    `name` defaults to the annotation file's stem; see the module docstring for the file formats. `file_format`
+    is "tfrecord" or "array_record" (random access: exact resume without re-reading); `num_shards` fixes the
+    number of files per split (default: TFDS sizes them); every split needs at least that many examples.
     """
     if tokenizer_vocab_size < 0:
         raise ValueError(f"tokenizer_vocab_size must be >= 0, got {tokenizer_vocab_size}")
@@ -565,17 +568,30 @@ def build_image_text(annotations: str, images: str, out_dir: str, *, name: str |
         annotations=os.path.abspath(annotations), images=os.path.abspath(images),
         regions=None if regions is None else os.path.abspath(regions), eval_fraction=float(eval_fraction),
         skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
-    builder = MmjaxImageText(config=config, data_dir=out_dir)
+    builder = MmjaxImageText(config=config, data_dir=out_dir, file_format=check_file_format(file_format))
     builder.plan()  # validate everything before tfds creates any directory
-    return prepare(builder)
+    return prepare(builder, num_shards=num_shards)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> str:
+FILE_FORMATS = ("tfrecord", "array_record")
+
+
+def check_file_format(file_format: str) -> str:
+    """`file_format` if the streaming reader reads it, else a ValueError naming the ones it reads."""
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {', '.join(FILE_FORMATS)}; got {file_format!r}")
+    return file_format
+
+
+def prepare(builder: tfds.core.DatasetBuilder, num_shards: int | None = None) -> str:
     """Builds `builder` from scratch (replacing an earlier build) and returns its prepared directory."""
+    if num_shards is not None and num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     # The default mode would silently reuse an earlier build of the same name; a user rebuilding after fixing
     # their files wants the new data.
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode,
+                                                                              num_shards=num_shards))
     # tfds makes <out_dir>/downloads/extracted even when nothing is downloaded; drop them if they stayed empty.
     downloads = os.path.join(os.fspath(builder.data_dir_root), "downloads")
     for folder in (os.path.join(downloads, "extracted"), downloads):

@@ -7,7 +7,8 @@ A source is a prepared TFDS dataset, named in `data.sources` (see `source_config
     c.data.sources.mine = source_config(dir="my_data/tfds")          # `python -m mmjax.data.build ...` output
     c.data.sources.vqa = source_config(dir="vqa/tfds", kind="vqa", weight=0.5)
 
-The datasets are read as TFRecord files, never downloaded. How one process's train stream is made, per source:
+The datasets are read from their TFRecord or ArrayRecord shards, never downloaded. How one process's train
+stream is made, per source (TFRecord):
 
   records   the file ranges of this process's slice of the split (`tfds.even_splits`: disjoint, together the whole
             split, sizes differing by at most one example; a file may be shared between processes, which is how
@@ -17,6 +18,8 @@ The datasets are read as TFRecord files, never downloaded. How one process's tra
   resume    position n of the stream is epoch n // n_local, record n % n_local; a restart jumps to that epoch and
             skips the serialized records before it (at most one epoch of reading, no decoding).
   example   parse, decode and augment with a stateless seed from (seed, source, process, position).
+ArrayRecord shards are read by random access instead: epoch e is a full permutation of the process's records
+seeded by (seed, source, e), and a resume starts inside it without reading what came before.
 
 Several sources mix by weight: position i of the process's stream comes from the source drawn by a stateless
 categorical seeded by (seed, process, i // BLOCK), so how many examples each source has delivered before any
@@ -127,10 +130,9 @@ def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
             logging.info("preparing %s in %s", cfg.name, builder.data_dir)
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=cfg.manual_dir, try_download_gcs=False))
-    file_format = str(getattr(builder.info, "file_format", None) or "tfrecord").lower()
-    if "tfrecord" not in file_format:
-        raise ValueError(f"data.sources.{key}: {builder.name} is stored as {file_format}; the streaming reader "
-                         f"reads TFRecord shards (rebuild with the default file format)")
+    if _file_format(builder) not in ("tfrecord", "array_record"):
+        raise ValueError(f"data.sources.{key}: {builder.name} is stored as {_file_format(builder)}; the streaming "
+                         f"reader reads TFRecord and ArrayRecord shards")
     features = builder.info.features
     for what in ("image_key", "text_key") + (("id_key",) if cfg.id_key else ()):
         if cfg.kind == "vqa" and what == "text_key":
@@ -183,18 +185,48 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str, key: str) -> None
                          f"{', '.join(sorted(builder.info.splits.keys()))}")
 
 
-def read_plan(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
-              process_count: int) -> tuple[list[str], list[int], list[int]]:
-    """(files, skips, takes): this process's even slice of `split` as ranges of records in TFRecord files."""
+def _file_format(builder: tfds.core.DatasetBuilder) -> str:
+    """"tfrecord" or "array_record" (or another TFDS format name, which the reader refuses)."""
+    file_format = getattr(builder.info, "file_format", None)
+    return str(getattr(file_format, "value", file_format) or "tfrecord").lower()
+
+
+def _instructions(builder: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int) -> list:
+    """TFDS file instructions (file, skip, take) of this process's even slice of `split`."""
     sub = tfds.even_splits(split, n=process_count)[process_index]
-    instructions = builder.info.splits[sub].file_instructions
-    plan = [(os.fspath(i.filename), int(i.skip), int(i.take)) for i in instructions if i.take > 0]
-    if not plan:
+    instructions = [i for i in builder.info.splits[sub].file_instructions if i.take > 0]
+    if not instructions:
         total = builder.info.splits[split].num_examples
         raise ValueError(f"{builder.name} split {split!r} has {total} examples: too few for {process_count} "
                          f"processes (process {process_index} would read none)")
+    return instructions
+
+
+def read_plan(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
+              process_count: int) -> tuple[list[str], list[int], list[int]]:
+    """(files, skips, takes): this process's even slice of `split` as ranges of records in the shard files."""
+    plan = [(os.fspath(i.filename), int(i.skip), int(i.take))
+            for i in _instructions(builder, split, process_index, process_count)]
     files, skips, takes = zip(*plan)
     return list(files), list(skips), list(takes)
+
+
+def _array_record_reader(builder, split: str, process_index: int, process_count: int):
+    """Random access to this process's slice of an ArrayRecord split (record i -> serialized example)."""
+    from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
+
+    return array_record_data_source.ArrayRecordDataSource(
+        _instructions(builder, split, process_index, process_count))
+
+
+def _read_indices(reader, indices: tf.data.Dataset, chunk: int = 64) -> tf.data.Dataset:
+    """The serialized records at a stream of int64 indices, read `chunk` at a time, in order."""
+    def read(idx):
+        records = tf.py_function(lambda i: tf.constant(reader.__getitems__(i.numpy().tolist()), tf.string),
+                                 [idx], tf.string)
+        return tf.ensure_shape(records, [None])
+
+    return indices.batch(chunk).map(read).unbatch()
 
 
 def answer_vocab(builder: tfds.core.DatasetBuilder) -> list[str]:
@@ -337,13 +369,30 @@ def _source_stream(key: str, index: int, builder, cfg, data_config, *, seed: int
                    process_index: int, process_count: int) -> tf.data.Dataset:
     """Source `key`'s infinite train examples for this process, from its stream position `consumed` on."""
     check_split(builder, cfg.train_split, key)
-    files, skips, takes = read_plan(builder, cfg.train_split, process_index, process_count)
-    n_local = sum(takes)
-    start_epoch, offset = divmod(consumed, n_local)
-    epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-    ds = epochs.flat_map(lambda e: _records(files, skips, takes, seed=seed, index=index, epoch=e,
-                                            shuffle_buffer=int(cfg.shuffle_buffer)))
-    ds = ds.skip(offset).enumerate(start=consumed)
+    if _file_format(builder) == "array_record":
+        # Random access: epoch e is a full permutation seeded by (seed, source, e), and a resume starts inside
+        # it without reading anything before.
+        reader = _array_record_reader(builder, cfg.train_split, process_index, process_count)
+        n_local = len(reader)
+        start_epoch, offset = divmod(consumed, n_local)
+
+        def permutation(epoch):
+            return tf.random.experimental.stateless_shuffle(tf.range(n_local, dtype=tf.int64),
+                                                            seed=_seed(seed, index, epoch))
+
+        first = tf.data.Dataset.from_tensor_slices(permutation(start_epoch)[offset:])
+        rest = tf.data.Dataset.range(start_epoch + 1, np.iinfo(np.int64).max).flat_map(
+            lambda e: tf.data.Dataset.from_tensor_slices(permutation(e)))
+        ds = _read_indices(reader, first.concatenate(rest))
+    else:
+        files, skips, takes = read_plan(builder, cfg.train_split, process_index, process_count)
+        n_local = sum(takes)
+        start_epoch, offset = divmod(consumed, n_local)
+        epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+        ds = epochs.flat_map(lambda e: _records(files, skips, takes, seed=seed, index=index, epoch=e,
+                                                shuffle_buffer=int(cfg.shuffle_buffer)))
+        ds = ds.skip(offset)
+    ds = ds.enumerate(start=consumed)
     fn = _example_fn(key, index, builder, cfg, data_config, train=True, seed=seed, process_index=process_index)
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -366,13 +415,13 @@ def mixture_counts(weights: list[float], position: int, *, seed: int, process_in
     k = len(weights)
     full, rest = divmod(position, BLOCK)
 
-    @tf.function
+    @tf.function(autograph=False)
     def count(lo, hi):
-        total = tf.zeros([k], tf.int64)
-        for b in tf.range(lo, hi):
-            total += tf.math.bincount(_choice_block(logits, seed, process_index, b), minlength=k, maxlength=k,
-                                      dtype=tf.int64)
-        return total
+        def body(b, total):
+            draws = _choice_block(logits, seed, process_index, b)
+            return b + 1, total + tf.math.bincount(draws, minlength=k, maxlength=k, dtype=tf.int64)
+
+        return tf.while_loop(lambda b, _: b < hi, body, (lo, tf.zeros([k], tf.int64)))[1]
 
     counts = np.zeros(k, np.int64)
     if full > 10_000:
@@ -443,12 +492,18 @@ def eval_dataset(data_config: ml_collections.ConfigDict, *, batch_size: int, spl
     builder = open_source(key, cfg)
     split = split or cfg.eval_split
     check_split(builder, split, key)
-    files, skips, takes = read_plan(builder, split, process_index, process_count)
     total = builder.info.splits[split].num_examples
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
-    n_local = sum(takes)
-    ranges = tf.data.Dataset.from_tensor_slices((files, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64)))
-    records = ranges.flat_map(lambda f, k, t: tf.data.TFRecordDataset(f).skip(k).take(t))
+    if _file_format(builder) == "array_record":
+        reader = _array_record_reader(builder, split, process_index, process_count)
+        n_local = len(reader)
+        records = _read_indices(reader, tf.data.Dataset.range(n_local))
+    else:
+        files, skips, takes = read_plan(builder, split, process_index, process_count)
+        n_local = sum(takes)
+        ranges = tf.data.Dataset.from_tensor_slices((files, tf.constant(skips, tf.int64),
+                                                     tf.constant(takes, tf.int64)))
+        records = ranges.flat_map(lambda f, k, t: tf.data.TFRecordDataset(f).skip(k).take(t))
     fn = _example_fn(key, index, builder, cfg, data_config, train=False, seed=0, process_index=process_index)
     ds = records.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda ex: dict(ex, mask=tf.constant(1.0)))

@@ -466,10 +466,12 @@ class MmjaxVqa(tfds.core.GeneratorBasedBuilder):
 
 
 def build_vqa(splits: dict[str, dict], out_dir: str, *, name: str = "vqa", vocab_size: int = DEFAULT_VOCAB_SIZE,
-              answer_vocab: str | None = None, skip_bad: bool = False, tokenizer_vocab_size: int = 8000) -> str:
+              answer_vocab: str | None = None, skip_bad: bool = False, tokenizer_vocab_size: int = 8000,
+              file_format: str = "tfrecord", num_shards: int | None = None) -> str:
     """Builds (or rebuilds) `mmjax_vqa/<name>` under `out_dir` from VQAv2-format files; returns the prepared dir.
 
-    `splits` maps a split name to dict(questions=, annotations= (optional), images=, image_pattern= (optional)).
+    `splits` maps a split name to dict(questions=, annotations= (optional), images=, image_pattern= (optional));
+    `file_format` and `num_shards` as in `image_text.build_image_text`.
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
@@ -484,9 +486,9 @@ def build_vqa(splits: dict[str, dict], out_dir: str, *, name: str = "vqa", vocab
         name=it.sanitize_name(name), splits={s: absolute(dict(f)) for s, f in splits.items()},
         vocab_size=int(vocab_size), answer_vocab=os.path.abspath(answer_vocab) if answer_vocab else None,
         skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
-    builder = MmjaxVqa(config=config, data_dir=out_dir)
+    builder = MmjaxVqa(config=config, data_dir=out_dir, file_format=it.check_file_format(file_format))
     builder.plan()  # validate everything before tfds creates any directory
-    return it.prepare(builder)
+    return it.prepare(builder, num_shards=num_shards)
 
 
 # ----------------------------------------------------------------------------------------------- easy-vqa
