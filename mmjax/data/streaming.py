@@ -103,13 +103,18 @@ def _find_prepared(path: str, key: str) -> str:
     return found[0]
 
 
+def _check_name_or_dir(key: str, cfg: ml_collections.ConfigDict) -> None:
+    """A source names a catalogue dataset or a prepared directory, not both, not neither."""
+    if bool(cfg.name) == bool(cfg.dir):
+        raise ValueError(f"data.sources.{key}: set exactly one of `name` (a TFDS catalogue name) or `dir` "
+                         f"(a prepared dataset directory)")
+
+
 def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder of source `key`; unknown names, unprepared data and bad kinds are clear errors."""
     if cfg.kind not in KINDS:
         raise ValueError(f"data.sources.{key}.kind must be one of {KINDS}; got {cfg.kind!r}")
-    if bool(cfg.name) == bool(cfg.dir):
-        raise ValueError(f"data.sources.{key}: set exactly one of `name` (a TFDS catalogue name) or `dir` "
-                         f"(a prepared dataset directory)")
+    _check_name_or_dir(key, cfg)
     if cfg.dir:
         builder = tfds.builder_from_directory(_find_prepared(cfg.dir, key))
     else:
@@ -529,6 +534,7 @@ def num_eval_examples(data_config: ml_collections.ConfigDict, split: str | None 
 def source_tokenizer_path(data_config: ml_collections.ConfigDict) -> str | None:
     """The tokenizer saved with the first source that has one (mmjax.data.build writes tokenizer.json)."""
     for key, cfg in _sources(data_config):
+        _check_name_or_dir(key, cfg)
         if cfg.dir:
             path = os.path.join(_find_prepared(cfg.dir, key), "tokenizer.json")
             if os.path.exists(path):
