@@ -83,9 +83,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported (thr
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import example_serializer
+
+from mmjax.data.local_builder import LocalBuilder
 
 # What TFDS' Image feature decodes into one [H, W, C] frame (GIF and WebP decode to [frames, H, W, C]).
 IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP")
@@ -467,27 +468,13 @@ class ImageTextConfig(tfds.core.BuilderConfig):
     tokenizer_vocab_size: int = 8000
 
 
-class MmjaxImageText(tfds.core.GeneratorBasedBuilder):
+class MmjaxImageText(LocalBuilder):
     """Images + captions (+ precomputed region features) from local files; pass config=ImageTextConfig(...)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-    # tfds derives code_path through importlib resources, which needs the `importlib_resources` backport for an
-    # editable install; the answer is simply this file.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        return epath.Path(__file__)
-
-    def plan(self) -> Plan:
-        """The validated inputs (read once per builder); raises ValueError on bad input."""
-        # Computed once per builder: _info needs the region dims, the generators and summary need the rest.
-        if "_plan_cache" not in self.__dict__:
-            if not isinstance(self.builder_config, ImageTextConfig):
-                raise ValueError("MmjaxImageText needs config=ImageTextConfig(name=..., annotations=..., images=...)")
-            self.__dict__["_plan_cache"] = plan_image_text(self.builder_config)
-        return self.__dict__["_plan_cache"]
+    def _make_plan(self) -> Plan:
+        if not isinstance(self.builder_config, ImageTextConfig):
+            raise ValueError("MmjaxImageText needs config=ImageTextConfig(name=..., annotations=..., images=...)")
+        return plan_image_text(self.builder_config)
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {

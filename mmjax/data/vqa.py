@@ -72,11 +72,11 @@ import re
 from typing import Iterable, Iterator, Sequence
 
 from mmjax.data import image_text as it  # first: it sets TF_CPP_MIN_LOG_LEVEL before TF loads
+from mmjax.data.local_builder import LocalBuilder
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from etils import epath
 
 DEFAULT_IMAGE_PATTERN = "COCO_{coco_split}_{image_id:012d}.jpg"
 DEFAULT_VOCAB_SIZE = 3129
@@ -381,27 +381,13 @@ def coverage(examples: Sequence[dict], vocab_index: dict[str, int]) -> str:
             f"in-vocabulary answer")
 
 
-class MmjaxVqa(tfds.core.GeneratorBasedBuilder):
+class MmjaxVqa(LocalBuilder):
     """VQA questions with normalised answers and soft scores from VQAv2-format files; pass config=VqaConfig(...)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-    # tfds derives code_path through importlib resources, which needs the `importlib_resources` backport for an
-    # editable install; the answer is simply this file.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        return epath.Path(__file__)
-
-    def plan(self) -> Plan:
-        """The validated inputs (read once per builder); raises ValueError on bad input."""
-        # Computed once per builder: the generators, vocabulary file and summary share it.
-        if "_plan_cache" not in self.__dict__:
-            if not isinstance(self.builder_config, VqaConfig):
-                raise ValueError("MmjaxVqa needs config=VqaConfig(name=..., splits={...})")
-            self.__dict__["_plan_cache"] = plan_vqa(self.builder_config)
-        return self.__dict__["_plan_cache"]
+    def _make_plan(self) -> Plan:
+        if not isinstance(self.builder_config, VqaConfig):
+            raise ValueError("MmjaxVqa needs config=VqaConfig(name=..., splits={...})")
+        return plan_vqa(self.builder_config)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
