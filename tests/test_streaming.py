@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -377,3 +378,15 @@ def test_truncation_keeps_sep_and_whole_word_table(captions_dir):
     ids, mask = tok.encode(["captionfirst"], 12)
     pieces = ids[0][1: mask[0].sum() - 1]
     assert len(pieces) > 1 and not table[pieces[0]] and table[pieces[1:]].all()
+
+
+def test_empty_caption_in_a_catalogue_dataset_stops_the_pipeline(captions_dir, tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "captions.txt").write_text("caption 0 first\n  \t \ncaption 2 first\n")
+    c = _config(captions_dir)
+    c.sources.cap.update(name="mmjax_test_manual", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+                         eval_split="validation", prepare=True)
+    tok = pipeline.load_tokenizer(c)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="data.sources.cap: empty text at image_id"):
+        list(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))

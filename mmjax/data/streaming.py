@@ -139,10 +139,9 @@ def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
         raise ValueError(f"data.sources.{key}: {builder.name} is stored as {_file_format(builder)}; the streaming "
                          f"reader reads TFRecord and ArrayRecord shards")
     features = builder.info.features
-    for what in ("image_key", "text_key") + (("id_key",) if cfg.id_key else ()):
-        if cfg.kind == "vqa" and what == "text_key":
-            continue
-        if _feature(features, cfg[what]) is None and what != "id_key":
+    # id_key may be absent (examples are then numbered by position); the image and the text must be there.
+    for what in ("image_key",) if cfg.kind == "vqa" else ("image_key", "text_key"):
+        if _feature(features, cfg[what]) is None:
             raise ValueError(f"data.sources.{key}.{what}={cfg[what]!r} is not a feature of {builder.name}; "
                              f"features: {sorted(features.keys())}")
     if cfg.kind == "vqa":
@@ -306,7 +305,11 @@ def _example_fn(key: str, index: int, builder, cfg, data_config, *, train: bool,
             text = preprocess.clean_text(text, lowercase=bool(cfg.text.lowercase))
         elif cfg.text.lowercase:
             text = tf.strings.lower(text)
-        out["caption"] = text
+        # An empty text would train as a silent [CLS] [SEP]: stop, naming the source and the example.
+        empty = tf.debugging.Assert(tf.strings.length(text) > 0,
+                                    [f"data.sources.{key}: empty text at image_id", out["image_id"]])
+        with tf.control_dependencies([empty]):
+            out["caption"] = tf.identity(text)
         if regions:
             out.update(_region_inputs(ex, data_config))
         return out
