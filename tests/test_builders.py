@@ -153,7 +153,8 @@ def test_csv_holdout_and_no_tokenizer(images, tmp_path):
 def test_array_record_shards(images, tmp_path):
     root, pixels = images
     paths = sorted(p for p in pixels if p.endswith(".png"))
-    annotations = _write_jsonl(tmp_path / "caps.jsonl", [{"image": p, "caption": f"c {n}"} for n, p in enumerate(paths)])
+    rows = [{"image": p, "caption": f"c {n}"} for n, p in enumerate(paths)]
+    annotations = _write_jsonl(tmp_path / "caps.jsonl", rows)
     path = it.build_image_text(annotations, root, str(tmp_path / "tfds"), file_format="array_record", num_shards=3,
                                eval_fraction=0.3, tokenizer_vocab_size=0)  # every split needs >= 3 examples
     files = sorted(f for f in os.listdir(path) if "-train." in f)

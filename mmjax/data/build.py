@@ -19,7 +19,8 @@ the skip summary. Bad input prints `error: <message>` on stderr and exits with s
 
 Every command also takes `--file_format=tfrecord|array_record` (ArrayRecord files are read by random access:
 a resumed run needs no re-reading and each epoch is a full permutation) and `--num_shards=N` (files per split;
-by default TFDS sizes them, ~64 MB+; every split needs at least N examples; any number of files works with any number of hosts).
+by default TFDS sizes them, ~64 MB+; every split needs at least N examples; any number of files works with any
+number of hosts).
 """
 
 from __future__ import annotations

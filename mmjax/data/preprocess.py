@@ -20,9 +20,9 @@ Text:
     clean_text           control characters and whitespace runs -> one space, stripped, optional lowercase
 
 Randomness is stateless throughout: every random op takes `seed`, an int32 / int64 tensor of shape [2] (as
-`tf.random.stateless_uniform` takes; equal values mean the same seed in either dtype), and splits it into sub-seeds with `tf.random.experimental.stateless_split`, so
-an op's output is a pure function of (input, seed): the pipeline's data order and augmentations replay exactly on a
-resume, on any number of workers.
+`tf.random.stateless_uniform` takes; equal values mean the same seed in either dtype), and splits it into
+sub-seeds with `tf.random.experimental.stateless_split`, so an op's output is a pure function of (input, seed):
+the pipeline's data order and augmentations replay exactly on a resume, on any number of workers.
 """
 
 from __future__ import annotations
