@@ -390,3 +390,42 @@ def test_empty_caption_in_a_catalogue_dataset_stops_the_pipeline(captions_dir, t
     tok = pipeline.load_tokenizer(c)
     with pytest.raises(tf.errors.InvalidArgumentError, match="data.sources.cap: empty text at image_id"):
         list(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))
+
+
+class MmjaxTestRefexp(tfds.core.GeneratorBasedBuilder):
+    """ref_coco's layout: referring expressions nested two sequences deep (objects -> refexp -> raw)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(12, 12, 3)), "image/id": np.int64,
+            "objects": tfds.features.Sequence({
+                "id": np.int64, "refexp": tfds.features.Sequence({"raw": tfds.features.Text()})})}))
+
+    def _split_generators(self, dl_manager):
+        return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(4):
+            objects = [{"id": k, "refexp": [{"raw": f"caption {k} of {i} first {j}"} for j in range(k + 1)]}
+                       for k in range(i % 3 + 1)]
+            yield i, {"image": _image(i), "image/id": i, "objects": objects}
+
+
+def test_nested_referring_expressions_are_all_candidates(captions_dir, tmp_path):
+    MmjaxTestRefexp(data_dir=str(tmp_path)).download_and_prepare()
+    c = _config(captions_dir)
+    c.sources.cap.update(name="mmjax_test_refexp", data_dir=str(tmp_path), train_split="validation",
+                         text_key="objects/refexp/raw", id_key="image/id")
+    c.max_len = 16
+    tok = pipeline.load_tokenizer(c)
+    it = pipeline.train_iterator(c, tok, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    drawn = {}
+    for _ in range(60):  # each image ~60 times: every one of its (at most 6) texts is drawn
+        batch = next(it)
+        for image_id, text in zip(batch["image_id"], tok.decode(batch["text_ids"])):
+            drawn.setdefault(int(image_id), set()).add(text)
+    for i, texts in drawn.items():
+        expected = {f"caption {k} of {i} first {j}" for k in range(i % 3 + 1) for j in range(k + 1)}
+        assert texts == expected, (i, texts)

@@ -296,7 +296,10 @@ def _example_fn(key: str, index: int, builder, cfg, data_config, *, train: bool,
                 out["answers"] = tf.scatter_nd(tf.cast(ex["answer_ids"], tf.int32)[:, None],
                                                tf.cast(ex["answer_scores"], tf.float32), [len(vocab)])
         else:
-            texts = tf.reshape(_get(ex, cfg.text_key), [-1])
+            texts = _get(ex, cfg.text_key)
+            if isinstance(texts, tf.RaggedTensor):  # nested sequences (ref_coco: objects/refexp/raw): all of them
+                texts = texts.flat_values
+            texts = tf.reshape(texts, [-1])
             n = tf.shape(texts)[0]
             tf.debugging.assert_positive(n, message=f"data.sources.{key}: an example without captions")
             pick = (tf.random.stateless_uniform([], k_text, 0, 2**30, tf.int32) % n) if train else 0
