@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000, help="synthetic images in the dataset")
     p.add_argument("--batches", type=int, default=20, help="timed pipeline batches")
-    p.add_argument("--steps", type=int, default=10, help="timed train steps")
+    p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--models", default="clip,vilt")
     p.add_argument("--out", default=DEFAULT_OUT)
     return p.parse_args(argv)

@@ -349,13 +349,19 @@ def test_catalogue_coco_captions_layout(tmp_path, monkeypatch):
     assert tok.decode(batch["text_ids"]) == [f"a photo of {i}" for i in batch["image_id"]]
 
 
-def test_catalogue_source_prepared_from_manual_dir(captions_dir, tmp_path):
+def _manual_source(captions_dir, tmp_path, text: str, **source):
+    """A config reading mmjax_test_manual, whose manual_dir holds captions.txt with `text`."""
     manual = tmp_path / "manual"
     manual.mkdir()
-    (manual / "captions.txt").write_text("caption 0 first\ncaption 1 first\ncaption 2 first\n")
+    (manual / "captions.txt").write_text(text)
     c = _config(captions_dir)
     c.sources.cap.update(name="mmjax_test_manual", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
-                         eval_split="validation")
+                         eval_split="validation", **source)
+    return c
+
+
+def test_catalogue_source_prepared_from_manual_dir(captions_dir, tmp_path):
+    c = _manual_source(captions_dir, tmp_path, "caption 0 first\ncaption 1 first\ncaption 2 first\n")
     tok = pipeline.load_tokenizer(c)
     with pytest.raises(ValueError, match="not prepared.*--manual_dir="):
         next(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))
@@ -381,12 +387,7 @@ def test_truncation_keeps_sep_and_whole_word_table(captions_dir):
 
 
 def test_empty_caption_in_a_catalogue_dataset_stops_the_pipeline(captions_dir, tmp_path):
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    (manual / "captions.txt").write_text("caption 0 first\n  \t \ncaption 2 first\n")
-    c = _config(captions_dir)
-    c.sources.cap.update(name="mmjax_test_manual", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
-                         eval_split="validation", prepare=True)
+    c = _manual_source(captions_dir, tmp_path, "caption 0 first\n  \t \ncaption 2 first\n", prepare=True)
     tok = pipeline.load_tokenizer(c)
     with pytest.raises(tf.errors.InvalidArgumentError, match="data.sources.cap: empty text at image_id"):
         list(pipeline.eval_batches(c, tok, global_batch_size=3, process_index=0, process_count=1))

@@ -527,16 +527,6 @@ def eval_dataset(data_config: ml_collections.ConfigDict, *, batch_size: int, spl
     return ds.batch(batch_size).prefetch(data_config.prefetch)
 
 
-def num_eval_examples(data_config: ml_collections.ConfigDict, split: str | None = None) -> int:
-    """Examples in the eval source's split (all processes together)."""
-    key = eval_source(data_config)
-    cfg = data_config.sources[key]
-    builder = open_source(key, cfg)
-    split = split or cfg.eval_split
-    check_split(builder, split, key)
-    return builder.info.splits[split].num_examples
-
-
 def source_tokenizer_path(data_config: ml_collections.ConfigDict) -> str | None:
     """The tokenizer saved with the first source that has one (mmjax.data.build writes tokenizer.json)."""
     for key, cfg in _sources(data_config):
