@@ -1,20 +1,27 @@
-"""Sharded training (CLIP contrastive; ViLT, UNITER, ViLBERT and a fusion model with MLM + ITM (+ WPA, MRFR, MRC)) equals single-device training; parameters are really sharded; checkpoints round-trip.
+"""Sharded training equals single-device training (CLIP contrastive; ViLT, UNITER, ViLBERT and a fusion model with
+MLM + ITM (+ WPA, MRFR, MRC)): the same loss and gradients, and the same optimizer update for the same gradients;
+a dropped all-gather is caught; parameters are really sharded; checkpoints round-trip.
 
 The suite runs with 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 """
 
 import types
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec
 
-from mmjax import checkpoint, optim, sharding
+from mmjax import checkpoint, losses, optim, sharding
 from mmjax import train as trainer
 from mmjax.data import pipeline
 from mmjax.models import build_model
 from mmjax.tasks import get_task
+from mmjax.tasks.contrastive import BATCH_KEYS, ContrastiveTask
 
 assert jax.device_count() == 8, "tests/conftest.py must set 8 fake CPU devices before jax is imported"
 
@@ -84,20 +91,103 @@ def random_batch(config, seed=0):
     return batch
 
 
-def one_step(config, devices):
-    """Init + one train step on a mesh over `devices`; returns (loss, params as numpy, state, shardings, mesh)."""
+class Run(NamedTuple):
+    """A model, task and optimizer set up on a mesh, with its freshly initialised (sharded) state."""
+    config: Any
+    mesh: Any
+    rules: Any
+    task: Any
+    tx: Any
+    schedule: Any
+    state: dict
+    shardings: dict
+
+
+def setup(config, devices, task_cls=None) -> Run:
+    """Model, task, optimizer and sharded initial state on a mesh over `devices` (task_cls overrides the task)."""
     mesh = sharding.create_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding.rules)
     model = build_model(config.model)
-    task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=FAKE_TOKENIZER)
+    kwargs = dict(model=model, config=config, mesh=mesh, tokenizer=FAKE_TOKENIZER)
+    task = task_cls(**kwargs) if task_cls else get_task(config.task, **kwargs)
     boxed = trainer.abstract_params(model, task, config.seed)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
     state, shardings = trainer.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
-    step = trainer.jit_train_step(task, tx, schedule, mesh, shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        batch = sharding.make_global_batch(random_batch(config), mesh)
-        state, metrics = step(state, batch, jax.random.key(1))
-    return float(metrics["loss"]), jax.device_get(state["params"]), state, shardings, mesh
+    return Run(config, mesh, rules, task, tx, schedule, state, shardings)
+
+
+def loss_and_grads(run: Run) -> tuple[float, Any]:
+    """The task's loss and its gradients at the initial parameters, on the run's mesh (gradients as numpy)."""
+    fn = jax.jit(jax.value_and_grad(run.task.loss, has_aux=True),
+                 in_shardings=(run.shardings["params"], sharding.batch_sharding(run.mesh),
+                               sharding.replicated(run.mesh)),
+                 out_shardings=((sharding.replicated(run.mesh), sharding.replicated(run.mesh)),
+                                run.shardings["params"]))
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        batch = sharding.make_global_batch(random_batch(run.config), run.mesh)
+        (loss, _), grads = fn(run.state["params"], batch, jax.random.key(1))
+    return float(loss), jax.device_get(grads)
+
+
+def optimizer_update(run: Run, grads: Any) -> Any:
+    """The optimizer's first update for the given gradients, computed on the run's mesh (as numpy)."""
+    fn = jax.jit(run.tx.update, in_shardings=(run.shardings["params"], run.shardings["opt_state"],
+                                              run.shardings["params"]),
+                 out_shardings=(run.shardings["params"], run.shardings["opt_state"]))
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        grads = jax.device_put(grads, run.shardings["params"])
+        updates, _ = fn(grads, run.state["opt_state"], run.state["params"])
+    return jax.device_get(updates)
+
+
+def train_step(run: Run) -> tuple[Run, dict]:
+    """One step of the trainer's own jitted step; returns the run with the new state, and the step's metrics."""
+    step = trainer.jit_train_step(run.task, run.tx, run.schedule, run.mesh, run.shardings)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        batch = sharding.make_global_batch(random_batch(run.config), run.mesh)
+        state, metrics = step(run.state, batch, jax.random.key(1))
+    return run._replace(state=state), jax.device_get(metrics)
+
+
+def gradient_mismatches(grads_n: Any, grads_1: Any, tol: float = 1e-5, zero: float = 1e-6) -> list[str]:
+    """Leaves whose sharded gradient differs from the single-device one by more than `tol` of the leaf's scale.
+
+    The scale is the leaf's largest single-device |gradient|, so the tolerance is relative to what that parameter
+    actually receives: a reduction in another order moves an element by ~1e-6 of it, a missing all-gather or psum
+    by far more. Leaves below `zero` x the largest gradient of the model are analytically zero (attention's key
+    bias: softmax ignores a shift shared by all keys) and hold only rounding noise; for them both sides must stay
+    below that bound. (Comparing parameters after an Adam step instead is ill-conditioned: Adam's first update is
+    lr * g / (|g| + eps), which turns such noise, or a 1e-7 change of any component near eps, into up to lr.)
+    """
+    leaves_1 = jax.tree_util.tree_leaves_with_path(grads_1)
+    top = max(float(np.abs(np.asarray(a)).max()) for _, a in leaves_1)
+    bad = []
+    for (path, a), b in zip(leaves_1, jax.tree.leaves(grads_n)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale, err = float(np.abs(a).max()), float(np.abs(a - b).max())
+        if scale < zero * top:
+            if float(np.abs(b).max()) >= zero * top:
+                bad.append(f"{jax.tree_util.keystr(path)}: zero on one device, {np.abs(b).max():.3g} sharded")
+        elif err > tol * scale:
+            bad.append(f"{jax.tree_util.keystr(path)}: max |diff| {err:.3g} > {tol:g} x scale {scale:.3g}")
+    return bad
+
+
+def check_sharded_equals_single(config, mesh_sizes, task_cls=None):
+    """Loss and gradients on a mesh of 8 equal those on 1 device; the Adam update of the same gradients too."""
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    single = setup(config, jax.devices()[:1], task_cls)
+    loss_1, grads_1 = loss_and_grads(single)
+    config.mesh.update(mesh_sizes)
+    sharded = setup(config, jax.devices(), task_cls)
+    loss_n, grads_n = loss_and_grads(sharded)
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5, atol=1e-6)
+    bad = gradient_mismatches(grads_n, grads_1)
+    assert not bad, "sharded gradients differ from single-device ones:\n" + "\n".join(bad[:10])
+    # The optimizer applied identically: the same gradients in give the same update out, on either mesh.
+    update_1, update_n = optimizer_update(single, grads_1), optimizer_update(sharded, grads_1)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(update_1), jax.tree.leaves(update_n)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9, err_msg=jax.tree_util.keystr(path))
 
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)]
@@ -108,31 +198,69 @@ MESH_IDS = ["data8", "fsdp8", "d2f2t2"]
 @pytest.mark.parametrize("mesh", MESHES, ids=MESH_IDS)
 def test_sharded_step_equals_single_device(load_config, mesh, model):
     config = small_clip_config(load_config) if model == "clip" else small_vilt_config(load_config)
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    loss_1, params_1, *_ = one_step(config, jax.devices()[:1])
-    config.mesh.update(mesh)
-    loss_n, params_n, *_ = one_step(config, jax.devices())
-    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_1), jax.tree.leaves(params_n)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    check_sharded_equals_single(config, mesh)
 
 
 @pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion"])
 def test_sharded_step_equals_single_device_fusion_models(load_config, model):
-    config = small_region_config(load_config, model)
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    loss_1, params_1, *_ = one_step(config, jax.devices()[:1])
-    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
-    loss_n, params_n, *_ = one_step(config, jax.devices())
-    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_1), jax.tree.leaves(params_n)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    check_sharded_equals_single(small_region_config(load_config, model), dict(data=2, fsdp=2, tensor=2))
+
+
+def _per_device_contrastive(task, params, batch, rng, local_loss):
+    """The contrastive loss computed per device under shard_map by `local_loss(zimg, ztxt, scale)`."""
+    out = task.model.apply({"params": params}, {k: batch[k] for k in BATCH_KEYS}, train=True, rngs={"dropout": rng})
+    rows = PartitionSpec(sharding.BATCH_AXES)
+    loss = jax.shard_map(local_loss, mesh=task.mesh, in_specs=(rows, rows, PartitionSpec()),
+                         out_specs=PartitionSpec())(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+    return loss, {}
+
+
+class LocalOnlyContrastiveTask(ContrastiveTask):
+    """A data-parallel bug, on purpose: each device contrasts only its own rows (the all-gather of the embeddings
+    dropped), then the per-device losses are averaged. Equal to the real loss on one device only."""
+
+    def loss(self, params, batch, rng):
+        def local(zimg, ztxt, scale):
+            return jax.lax.pmean(losses.softmax_contrastive_loss(zimg, ztxt, scale), sharding.BATCH_AXES)
+
+        return _per_device_contrastive(self, params, batch, rng, local)
+
+
+class GatherWithoutGradContrastiveTask(ContrastiveTask):
+    """Another one (open_clip's gather_with_grad=False): the other devices' embeddings are gathered without their
+    gradient. The loss value is exactly the global one; only the gradients are wrong."""
+
+    def loss(self, params, batch, rng):
+        def local(zimg, ztxt, scale):
+            n, axes = zimg.shape[0], sharding.BATCH_AXES
+            offset = jax.lax.axis_index(axes) * n
+
+            def gather(z):  # every device's rows, with a gradient for the local ones only
+                full = jax.lax.all_gather(jax.lax.stop_gradient(z), axes, tiled=True)
+                return jax.lax.dynamic_update_slice_in_dim(full, z, offset, axis=0)
+
+            labels = offset + jnp.arange(n)
+            i2t = optax.softmax_cross_entropy_with_integer_labels(scale * zimg @ gather(ztxt).T, labels)
+            t2i = optax.softmax_cross_entropy_with_integer_labels(scale * ztxt @ gather(zimg).T, labels)
+            return jax.lax.pmean(0.5 * (jnp.mean(i2t) + jnp.mean(t2i)), axes)
+
+        return _per_device_contrastive(self, params, batch, rng, local)
+
+
+@pytest.mark.parametrize("task_cls, caught_by", [(LocalOnlyContrastiveTask, "Not equal to tolerance"),
+                                                 (GatherWithoutGradContrastiveTask, "sharded gradients differ")])
+def test_equality_check_catches_distributed_loss_bugs(load_config, task_cls, caught_by):
+    # The comparison above must be able to fail: both classic data-parallel contrastive bugs are caught, the first
+    # by the loss, the second (whose loss value is right) by the gradients.
+    with pytest.raises(AssertionError, match=caught_by):
+        check_sharded_equals_single(small_clip_config(load_config), dict(data=8, fsdp=1, tensor=1),
+                                    task_cls=task_cls)
 
 
 def test_fsdp_parameter_is_sharded(load_config):
     config = small_clip_config(load_config)
     config.mesh.update(dict(data=1, fsdp=8, tensor=1))
-    _, _, state, _, _ = one_step(config, jax.devices())
+    state = train_step(setup(config, jax.devices()))[0].state
     sharded = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
         spec = leaf.sharding.spec
@@ -158,7 +286,8 @@ def test_mesh_errors():
 def test_checkpoint_round_trip(load_config, tmp_path):
     config = small_clip_config(load_config)
     config.mesh.update(dict(data=2, fsdp=2, tensor=2))
-    _, _, state, shardings, _ = one_step(config, jax.devices())
+    run, _ = train_step(setup(config, jax.devices()))
+    state, shardings = run.state, run.shardings
     config.checkpoint.async_save = False
     ckpt = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
     ckpt.save(1, state, force=True)
@@ -176,7 +305,7 @@ def test_optimizer_state_shardings_see_through_frozen_parameters(load_config):
     config = small_clip_config(load_config)
     config.optimizer.freeze = "^text_encoder/"
     config.mesh.update(dict(data=1, fsdp=8, tensor=1))
-    _, _, state, _, _ = one_step(config, jax.devices())
+    state = train_step(setup(config, jax.devices()))[0].state
     params = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
     checked = 0
     for path, moment in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
