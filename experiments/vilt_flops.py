@@ -43,8 +43,7 @@ TEXT_LEN = 40
 
 # Top-level parameter names -> group (the heads are everything a ViltModel backbone lacks).
 GROUPS = {
-    "word_embedding": "text_embed", "text_pos_embedding": "text_embed", "text_type_embedding": "text_embed",
-    "ln_text": "text_embed",
+    "text_embeddings": "text_embed",
     "patch_kernel": "image_embed", "patch_bias": "image_embed", "cls": "image_embed",
     "image_pos_embedding": "image_embed",
     "modality_embedding": "modality", "encoder": "encoder", "ln_final": "encoder", "pooler": "pooler",

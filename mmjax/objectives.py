@@ -4,21 +4,22 @@ Everything here is drawn on device from an explicit jax PRNG key, has static sha
 batch, so it runs inside the jitted train step (the task splits the step key per purpose and calls these).
 
     mask_tokens            BERT MLM masking (15%, 80/10/10), optional whole-word masking
+    mask_text              mask_tokens with a tokenizer's special ids (and whole words from its vocabulary)
     mask_patches           masked patch modelling (exact count per image, MAE style)
     mask_regions           masked region modelling over the real regions
-    conditional_masking    UNITER: which modality to mask for each example
     itm_negatives          image-text matching negatives (hard, softmax(sim) sampled, or in-batch random)
-    build_itm_batch        positives + text negatives + image negatives with 1/0 labels (ALBEF layout)
     ipot / wasserstein_distance   inexact proximal point OT for word-patch / word-region alignment (UNITER, ViLT)
+    model_inputs           one block of model rows: a batch's inputs with another text and visual masks
 
 The loss functions that consume these live in `mmjax.losses`.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -133,6 +134,23 @@ def mask_tokens(
     return masked_ids, text_ids, chosen.astype(jnp.int32)
 
 
+def special_ids(tokenizer: Any) -> list[int]:
+    """The ids MLM never masks or samples: pad, cls, sep, mask, unk."""
+    return [tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.unk_id]
+
+
+def mask_text(rng: Array, ids: Array, mask: Array, tokenizer: Any, *, mask_prob: float,
+              continuation: np.ndarray | None = None) -> tuple[Array, Array, Array]:
+    """`mask_tokens` with the tokenizer's special ids; whole words when `continuation` (the tokenizer's
+    continuation_table) is given. Returns (masked_ids, labels, label_mask)."""
+    word_ids = None
+    if continuation is not None:
+        maskable = (mask > 0) & ~jnp.isin(ids, jnp.asarray(special_ids(tokenizer), ids.dtype))
+        word_ids = word_ids_from_pieces(ids, maskable, continuation)
+    return mask_tokens(rng, ids, mask, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                       special_ids=special_ids(tokenizer), mask_prob=mask_prob, word_ids=word_ids)
+
+
 def mask_patches(rng: Array, num_patches: int, batch: int, mask_prob: float) -> Array:
     """Masked patch modelling: bool [batch, num_patches], exactly round(mask_prob * num_patches) True per image.
 
@@ -148,23 +166,6 @@ def mask_regions(rng: Array, region_mask: Array, mask_prob: float = 0.15) -> Arr
     """Masked region modelling: bool [B, R], ~mask_prob of the real regions (region_mask > 0) of each example,
     at least one where any is real (same rule as `mask_tokens`); padding regions are never chosen."""
     return _choose(rng, region_mask > 0, mask_prob)
-
-
-def conditional_masking(rng: Array, batch_size: int, text_prob: float = 0.5) -> Array:
-    """UNITER's conditional masking: bool [B], True = mask the text of this example, False = mask its image.
-
-    Masking one modality at a time lets the other, intact one supply the evidence. Use it as
-    `label_mask *= mask_text[:, None]` and `region_or_patch_mask &= ~mask_text[:, None]`.
-    """
-    return jax.random.bernoulli(rng, text_prob, (batch_size,))
-
-
-def patchify(images: Array, patch_size: int) -> Array:
-    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in row-major patch order (the order of ViT's patch tokens)."""
-    b, h, w, c = images.shape
-    p = patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def normalized_patch_targets(patches: Array, eps: float = 1e-6) -> Array:
@@ -192,7 +193,6 @@ def itm_negatives(
     whose candidates all have weight 0 falls back to a uniform candidate (valid stays True). A row with no
     candidate at all falls back to a random j != i (i itself when B == 1) and reports valid=False, so the caller
     can drop that pair from the loss rather than train on a false "mismatch".
-    For the text side use `itm_negative_images`.
     """
     b = sim.shape[0]
     not_self = ~jnp.eye(b, dtype=bool)
@@ -216,57 +216,6 @@ def itm_negatives(
     valid = jnp.any(candidate, axis=1)
     score = jnp.where(has_weighted, score_hard, jnp.where(valid[:, None], score_uniform, score_other))
     return jnp.argmax(score, axis=1).astype(jnp.int32), valid
-
-
-def itm_negative_images(
-    rng: Array, sim: Array, *, same_image: Array | None = None, hard: bool = True
-) -> tuple[Array, Array]:
-    """For each text (column of sim [B, B], image i vs text j) a negative image: (neg_image_index [B], valid [B]).
-
-    `itm_negatives` on the transposed similarity and forbidden-pair mask; same rules and fallbacks.
-    """
-    return itm_negatives(rng, sim.T, same_image=None if same_image is None else same_image.T, hard=hard)
-
-
-def build_itm_batch(
-    rng: Array,
-    batch: Mapping[str, Array],
-    sim: Array | None = None,
-    *,
-    same_image: Array | None = None,
-    hard: bool = True,
-    image_keys: Sequence[str] = ("image",),
-    text_keys: Sequence[str] = ("text_ids", "text_mask"),
-) -> dict[str, Array]:
-    """ITM pairs as ALBEF builds them: 3B rows = B positives, B (image i, negative text), B (negative image, text j).
-
-    Returns the `image_keys` and `text_keys` arrays with leading dim 3B, plus `itm_labels` int32 [3B] (1 match,
-    0 mismatch) and `itm_weights` float32 [3B] (0 for a negative that had no valid candidate, see
-    `itm_negatives`; pass to `losses.itm_loss`). Without `sim` the negatives are in-batch random (`hard` ignored).
-    Other batch keys are not carried over. ViLT instead swaps the image of half the pairs; this layout gives every
-    example both a positive and two negatives per step, with the hard negatives that make ITM informative.
-    """
-    missing = [k for k in (*image_keys, *text_keys) if k not in batch]
-    if missing:
-        raise KeyError(f"build_itm_batch: batch has no key(s) {missing}; it has {sorted(batch)}")
-    b = batch[text_keys[0]].shape[0]
-    if sim is None:
-        sim, hard = jnp.zeros((b, b), jnp.float32), False
-    k_text, k_image = jax.random.split(rng)
-    neg_text, text_valid = itm_negatives(k_text, sim, same_image=same_image, hard=hard)
-    neg_image, image_valid = itm_negative_images(k_image, sim, same_image=same_image, hard=hard)
-
-    out = {}
-    for k in image_keys:
-        x = batch[k]
-        out[k] = jnp.concatenate([x, x, jnp.take(x, neg_image, axis=0)], axis=0)
-    for k in text_keys:
-        x = batch[k]
-        out[k] = jnp.concatenate([x, jnp.take(x, neg_text, axis=0), x], axis=0)
-    out["itm_labels"] = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-    out["itm_weights"] = jnp.concatenate(
-        [jnp.ones((b,), jnp.float32), text_valid.astype(jnp.float32), image_valid.astype(jnp.float32)])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,3 +288,17 @@ def content_mask(text_mask: Array) -> Array:
     length = jnp.sum(m, axis=1, keepdims=True)
     pos = jnp.arange(m.shape[1])[None, :]
     return (m & (pos > 0) & (pos < length - 1)).astype(jnp.int32)
+
+
+def model_inputs(batch: dict, model_keys: Sequence[str], text: tuple[Array, Array], *,
+                 region_masked: Array | None = None, patch_mask: Array | None = None) -> dict:
+    """One block of model rows: the batch's non-text model inputs (`model_keys`) with the given text, and the
+    visual masks of masked region / patch modelling (region models always get a region_feature_mask)."""
+    rows = {k: batch[k] for k in model_keys if k not in ("text_ids", "text_mask")}
+    rows["text_ids"], rows["text_mask"] = text
+    if "region_mask" in rows:
+        zeros = jnp.zeros(jnp.shape(batch["region_mask"]), jnp.int32)
+        rows["region_feature_mask"] = zeros if region_masked is None else jnp.asarray(region_masked).astype(jnp.int32)
+    if patch_mask is not None:
+        rows["patch_mask"] = jnp.asarray(patch_mask).astype(jnp.int32)
+    return rows

@@ -5,10 +5,11 @@
     init_from.source  "/"-separated path of the subtree to take from those params ("" = all of them)
     init_from.target  "/"-separated path where it goes in the model's params ("" = the whole model)
 
-e.g. LiT's locked text tower: path = the MiniLM directory, source = "text_encoder", target = "text" (and
-`optimizer.freeze = "^text/"`). Tree structure and every shape must agree; a mismatch names the first paths that
-differ, except patch-position tables, which are resized bicubically on their 2-D grid (cls row kept) when the
-model's image size differs from the checkpoint's. Weights are applied only when a run starts fresh: a resumed run restores its own checkpoint instead.
+e.g. LiT's locked text tower (configs/lit.py): path = the MiniLM directory, source = "text_encoder",
+target = "text_encoder" (and `model.lock_text`, which freezes it). Tree structure and every shape must agree; a
+mismatch names the first paths that differ, except patch-position tables, which are resized bicubically on their
+2-D grid (cls row kept) when the model's image size differs from the checkpoint's. Weights are applied only when a
+run starts fresh: a resumed run restores its own checkpoint instead.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def resize_position_tables(new: Any, like: Any) -> Any:
         src, dst = _grid(np.shape(x)[0]), _grid(want[0])
         if src is None or dst is None or src[1] != dst[1] or want[1] != np.shape(x)[1]:
             return x  # not a square patch grid: leave it for the shape check to report
-        from mmjax.models.vilt import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
+        from mmjax.models.layers import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
 
         table = np.asarray(x, np.float32)
         if not src[1]:  # no cls row: add a dummy one so the shared helper applies

@@ -38,7 +38,6 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
     ("joint", None),
-    ("patch", None),
 )
 
 

@@ -27,8 +27,10 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli_logging, optim, pretrained, sharding
+from mmjax import checkpoint, cli_logging, optim, sharding
+from mmjax import state as state_lib
 from mmjax.data import pipeline
+from mmjax.evaluation.evaluators import build_evaluators, run_evaluators
 from mmjax.metrics_writer import MetricWriter
 from mmjax.models import build_model
 from mmjax.tasks import get_task
@@ -39,37 +41,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, prin
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# State: a plain dict {step, params, opt_state}, created already sharded on the mesh.
-
-def init_params(model: nn.Module, task: Any, rng: jax.Array) -> Any:
-    """Initial parameters (boxed with their logical axis names) from a batch of one dummy example."""
-    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), task.dummy_batch())
-    return model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
-
-
-def abstract_params(model: nn.Module, task: Any, seed: int) -> Any:
-    """Parameter shapes with their logical axis metadata, without allocating anything."""
-    return jax.eval_shape(functools.partial(init_params, model, task), jax.random.key(seed))
-
-
-def create_train_state(model: nn.Module, task: Any, tx: optax.GradientTransformation, mesh, rules, seed: int,
-                       boxed_params: Any) -> tuple[dict, dict]:
-    """Initialises {step, params, opt_state} directly into its shardings; returns (state, shardings)."""
-    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
-    params_shape = nn.meta.unbox(boxed_params)
-    opt_shape = jax.eval_shape(tx.init, params_shape)
-    # Optimizer moments mirror the parameters and take their shardings; counters are replicated.
-    opt_shardings = sharding.optimizer_shardings(opt_shape, params_shape, param_shardings, mesh)
-    shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
-
-    def init(rng):
-        params = nn.meta.unbox(init_params(model, task, rng))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return state, shardings
-
+# The step: pure, jitted with shardings below.
 
 def train_step(state: dict, batch: dict, rng: jax.Array, *, task: Any, tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[dict, dict]:
@@ -107,24 +79,6 @@ def check_workdir(workdir: str | None) -> str:
     return workdir
 
 
-def count_params(tree: Any) -> int:
-    """Total number of parameter elements in a (possibly abstract, possibly boxed) tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
-
-
-def resolve_vocab(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
-    """Sets the model's vocab_size (model.text.vocab_size or model.vocab_size) from the tokenizer unless the config
-    fixes it (it must then be large enough)."""
-    section = config.model.get("text") if "text" in config.model else config.model
-    if tokenizer is None or "vocab_size" not in section:
-        return
-    if section.get("vocab_size") is None:
-        section.vocab_size = tokenizer.vocab_size
-    elif section.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocab_size={section.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} tokens")
-
-
 def step_flops(compiled: Any) -> float | None:
     """FLOPs of one compiled step on one device, from XLA's cost analysis (None where the backend does not say)."""
     try:
@@ -138,53 +92,45 @@ def step_flops(compiled: Any) -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *, dry_run: bool = False) -> dict:
-    """Runs (or resumes) training as the config says; returns the final eval metrics."""
+    """Runs (or resumes) training as the config says; returns the last evaluation's metrics."""
     # 1. Mesh and batch split: fail fast on a mesh or batch size that cannot work.
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding.rules)
     sharding.check_batch_size(config.train.batch_size, mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
-    # 2. Tokenizer (its vocabulary sizes the text tower), model, task, optimizer.
-    vocab_fixed = (config.model.get("text") or config.model).get("vocab_size")
-    tokenizer = None if dry_run and vocab_fixed else pipeline.load_tokenizer(config.data)
-    resolve_vocab(config, tokenizer)
+    # 2. Data: the tokenizer and what the data offers (classes, attributes, regions, vocabulary) size the model.
+    tokenizer = pipeline.load_tokenizer(config.data)
+    meta = pipeline.dataset_meta(config.data, tokenizer)
+    state_lib.resolve_model_config(config, meta)
+
+    # 3. Model, task, optimizer; parameters abstract until the state is created on the mesh.
     model = build_model(config.model)
-    task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=tokenizer)
-    boxed = abstract_params(model, task, config.seed)
-    n_params = count_params(boxed)
+    task = get_task(config.task, model=model, config=config, meta=meta, tokenizer=tokenizer, mesh=mesh)
+    batch_shapes = pipeline.batch_shapes(config.data, meta)
+    boxed = state_lib.abstract_params(model, batch_shapes, config.seed)
+    n_params = state_lib.count_params(boxed)
     logging.info("model %s: %s parameters", config.model.name, f"{n_params:,}")
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
 
-    state_shape = None
     if dry_run:
         step_fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule))
-        param_shape = nn.meta.unbox(boxed)
-        state_shape = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": param_shape,
-                       "opt_state": jax.eval_shape(tx.init, param_shape)}
-        batch = task.train_batch_shapes(config.train.batch_size)
+        state_shape = state_lib.abstract_train_state(nn.meta.unbox(boxed), tx)
+        batch = pipeline.train_batch_shapes(config.data, meta, config.train.batch_size)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             flops = step_flops(step_fn.lower(state_shape, batch, jax.random.key(0)).compile())
         # XLA costs the per-device program; the global step does that on every device.
         flops = flops * mesh.size if flops else None
-        summary = {"params": n_params, "train_step_flops": flops}
         print(f"{config.model.name}: {n_params:,} parameters; one train step at batch "
               f"{config.train.batch_size}: {flops / 1e12 if flops else float('nan'):.3f} TFLOPs")
-        return summary
+        return {"params": n_params, "train_step_flops": flops}
 
-    # 3. Workdir, state (created sharded), resume.
+    # 4. Workdir, state (created sharded), resume or a fresh start (from init_from's weights, if any).
     workdir = check_workdir(workdir)
-    state, shardings = create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
+    state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(checkpoint.abstract_with_shardings(state, shardings))
-    elif config.get("init_from") and config.init_from.path:
-        # Fresh start from pretrained weights (e.g. LiT's locked text tower); a resumed run has them already.
-        weights, _ = pretrained.load_params(config.init_from.path)
-        params = pretrained.graft(state["params"], weights, config.init_from.source, config.init_from.target)
-        state = dict(state, params=jax.device_put(params, shardings["params"]))
-        logging.info("initialised %s from %s (%s)", config.init_from.target or "the model", config.init_from.path,
-                     config.init_from.source or "all of it")
+    state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"))
+    logging.info("%s", how)
     start_step = int(state["step"])
     if jax.process_index() == 0:
         checkpoint.save_config(config, workdir)
@@ -192,28 +138,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     writer.truncate_after(start_step)
     logging.info("starting at step %d of %d", start_step, config.train.steps)
 
-    # 4. Data: each process reads its own shard; the order is a function of (seed, step), so resuming is exact.
+    # 5. Input: each process reads its own shard; the order is a function of (seed, step), so resuming is exact.
     batches = pipeline.train_iterator(config.data, tokenizer, global_batch_size=config.train.batch_size,
-                                      seed=config.seed, start_step=start_step, **task.data_options)
+                                      seed=config.seed, start_step=start_step)
+    evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh)
 
-    # 5. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
+    # 6. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
     step_fn = jit_train_step(task, tx, schedule, mesh, shardings)
     rng = jax.random.key(config.seed + 1)
 
-    # 6. Loop.
+    # 7. Loop.
     eval_metrics: dict = {}
-    log_every, eval_every = config.train.log_every, config.train.eval_every
+    log_every, last = config.train.log_every, config.train.steps
     compiled, flops = None, 0.0
     t_last, step_last = time.perf_counter(), start_step
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(start_step + 1, config.train.steps + 1):
+        for step in range(start_step + 1, last + 1):
             batch = sharding.make_global_batch(next(batches), mesh)
             if compiled is None:  # compile once, explicitly, to read the step's FLOPs from XLA
                 compiled = step_fn.lower(state, batch, rng).compile()
                 flops = step_flops(compiled) or 0.0
             state, metrics = compiled(state, batch, rng)
 
-            if step % log_every == 0 or step == config.train.steps:
+            if step % log_every == 0 or step == last:
                 metrics = jax.device_get(metrics)
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
@@ -223,19 +170,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                 metrics.update(examples_per_s=steps_per_s * config.train.batch_size,
                                device_flops_per_s=steps_per_s * flops)
                 writer.write(step, "train", metrics)
-                eta = (config.train.steps - step) / max(steps_per_s, 1e-9)
+                eta = (last - step) / max(steps_per_s, 1e-9)
                 logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f ex/s  %.1f GFLOP/s/device  ETA %s",
-                             step, config.train.steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                             step, last, metrics["loss"], metrics["lr"], metrics["grad_norm"],
                              metrics["examples_per_s"], metrics["device_flops_per_s"] / 1e9,
                              time.strftime("%H:%M:%S", time.gmtime(eta)))
 
-            if step % eval_every == 0 or step == config.train.steps:
-                eval_metrics = task.evaluate(state["params"])
+            due = {name: ev for name, ev in evaluators.items() if step % ev.every_steps == 0 or step == last}
+            if due:
+                eval_metrics = run_evaluators(due, state["params"])
                 writer.write(step, "eval", eval_metrics)
                 logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 t_last = time.perf_counter()  # keep eval time out of the throughput figure
 
-            ckpt.save(step, state, force=step == config.train.steps)
+            ckpt.save(step, state, force=step == last)
     ckpt.close()
     writer.close()
     return eval_metrics

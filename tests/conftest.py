@@ -15,39 +15,39 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="session")
-def load_config():
-    """load_config('clip.py', 'tiny') -> the ConfigDict that `--config=configs/clip.py:tiny` gives."""
-
-    def load(filename: str, arg: str | None = None):
-        spec = importlib.util.spec_from_file_location(f"mmjax_test_config_{filename}", CONFIG_DIR / filename)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(arg) if arg is not None else module.get_config()
-
-    return load
-
-
-@pytest.fixture(scope="session")
 def embedded_data_dir(tmp_path_factory) -> str:
     """A TFDS data_dir holding the prepared easy_vqa_captions dataset (+ its tokenizer.json).
 
     Built once per test session into a temporary directory (~15 s). Set MMJAX_TEST_DATA_DIR to build into / reuse
     a fixed directory instead (faster repeated local runs).
     """
-    from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from mmjax.data import easy_vqa_captions, sources  # pylint: disable=import-outside-toplevel
 
     data_dir = os.environ.get("MMJAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    config = pipeline.default_data_config()
-    config.data_dir = data_dir
-    pipeline.load_builder(config)
+    sources.open_source("easy_vqa", easy_vqa_captions.source_config(data_dir=data_dir))
     return data_dir
 
 
 @pytest.fixture
 def embedded_data_config(embedded_data_dir):
-    """A fresh default_data_config() pointing at the session's embedded dataset (safe to modify)."""
+    """A fresh pipeline.embedded_data_config() reading the session's embedded dataset (safe to modify)."""
     from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-    config = pipeline.default_data_config()
-    config.data_dir = embedded_data_dir
-    return config
+    return pipeline.embedded_data_config(data_dir=embedded_data_dir)
+
+
+@pytest.fixture(scope="session")
+def load_config(embedded_data_dir):
+    """load_config('clip.py', 'tiny') -> the ConfigDict that `--config=configs/clip.py:tiny` gives, its embedded
+    data source (if any) reading the session's prepared copy."""
+
+    def load(filename: str, arg: str | None = None):
+        spec = importlib.util.spec_from_file_location(f"mmjax_test_config_{filename}", CONFIG_DIR / filename)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg is not None else module.get_config()
+        if "easy_vqa" in config.data.sources:
+            config.data.sources.easy_vqa.data_dir = embedded_data_dir
+        return config
+
+    return load

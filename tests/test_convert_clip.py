@@ -120,8 +120,11 @@ def test_fresh_mmjax_clip_exports_to_transformers(tmp_path, load_config):
     """A freshly initialised configs/clip.py tiny CLIP (ln_pre on, our default patch bias and last-token pooling)
     saved with save_hf: transformers' CLIPModel gives our outputs."""
     eos = V - 1
-    config = load_config("clip.py", "tiny").model
-    config.text.vocab_size = V
+    full = load_config("clip.py", "tiny")
+    config = full.model
+    # The sizes the trainer resolves from the data (state.resolve_model_config).
+    config.text.update(dict(vocab_size=V, max_len=full.data.max_len))
+    config.image.image_size = full.data.image_size
     config.image.ln_pre = True  # HF's vision tower always has pre_layrnorm
     model = build_model(config)
     ids, mask = text_batch(eos=eos)
@@ -147,8 +150,10 @@ def test_fresh_mmjax_clip_exports_to_transformers(tmp_path, load_config):
 
 def test_export_refuses_what_hf_clip_cannot_express(load_config):
     """Structures HF's CLIPModel lacks raise ValueError naming them (before any weight is read)."""
-    base = load_config("clip.py", "tiny").model.to_dict()
-    base["text"]["vocab_size"] = V
+    full = load_config("clip.py", "tiny")
+    base = full.model.to_dict()
+    base["text"].update(vocab_size=V, max_len=full.data.max_len)
+    base["image"]["image_size"] = full.data.image_size
 
     def variant(**changes) -> dict:
         cfg = json.loads(json.dumps(base))

@@ -7,10 +7,11 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mmjax.data import easy_vqa_captions as evc
-from mmjax.data import pipeline
+from mmjax.data import pipeline, sources
 from mmjax.data.tokenizer import Tokenizer, train_wordpiece
 
 # sha256 over (image_id, label, size, position, bbox, captions) of the test split; pins the exact build so that a
@@ -125,7 +126,7 @@ def test_zero_shot_prompts_never_among_training_captions(embedded_data_dir):
     assert not captions & set(prompts)
     for template in evc.ZERO_SHOT_TEMPLATES:
         # The template's fixed words, in order, with anything between: e.g. "an image that contains a.*\."
-        fixed = [re.escape(part.strip()) for part in re.split(r"\{\w+\}", template) if part.strip()]
+        fixed = [re.escape(part.strip()) for part in re.split(r"\{\w*\}", template) if part.strip()]
         pattern = re.compile(".*".join(fixed))
         assert not any(pattern.search(c) for c in captions), template
 
@@ -197,9 +198,10 @@ def test_train_wordpiece_is_deterministic(tmp_path):
 
 
 def test_train_batch_keys_shapes_dtypes(embedded_data_config, tokenizer):
+    embedded_data_config.sources.easy_vqa.negatives = ()
     batch = next(pipeline.train_iterator(embedded_data_config, tokenizer, global_batch_size=32, seed=0,
                                          process_index=0, process_count=1))
-    assert sorted(batch) == ["image", "image_id", "label", "text_ids", "text_mask"]
+    assert sorted(batch) == ["image", "image_id", "label", "source", "text_ids", "text_mask"]
     assert batch["image"].shape == (32, 64, 64, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0  # mean = std = 0.5
     assert batch["text_ids"].shape == batch["text_mask"].shape == (32, 24)
@@ -208,6 +210,36 @@ def test_train_batch_keys_shapes_dtypes(embedded_data_config, tokenizer):
     # The text is one of the example's captions, and names its class.
     for text, label in zip(tokenizer.decode(batch["text_ids"]), batch["label"]):
         assert evc.CLASS_NAMES[label].split()[0] in text and evc.CLASS_NAMES[label].split()[1] in text
+    meta = pipeline.dataset_meta(embedded_data_config, tokenizer)
+    shapes = pipeline.train_batch_shapes(embedded_data_config, meta, 32)
+    assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
+def test_dataset_meta_describes_the_embedded_source(embedded_data_config, tokenizer):
+    embedded_data_config.regions.enabled = True
+    meta = pipeline.dataset_meta(embedded_data_config, tokenizer)
+    source = meta.source()
+    assert meta.eval_source == "easy_vqa" and meta.vocab_size == tokenizer.vocab_size
+    assert source.class_names == evc.CLASS_NAMES and source.prompts == evc.ZERO_SHOT_TEMPLATES
+    assert meta.attributes == {"color": evc.COLORS, "shape": evc.SHAPES}
+    assert (meta.num_regions, meta.region_feature_dim, meta.region_classes) == (6, 192, 25)
+    assert source.splits == {"train": 4000, "test": 1000} and source.answer_vocab is None
+    assert meta.model_keys == ("image", "text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
+
+
+def test_in_memory_and_streamed_reads_agree(embedded_data_config, tokenizer):
+    # The in-memory reader holds images as uint8 after the resize; at the stored size nothing is resized, so both
+    # readers give the same eval batches exactly (hard negatives and regions included).
+    embedded_data_config.regions.enabled = True
+    kw = dict(global_batch_size=96, process_index=1, process_count=2)
+    memory = list(pipeline.eval_batches(embedded_data_config, tokenizer, **kw))
+    embedded_data_config.sources.easy_vqa.in_memory = False
+    streamed = list(pipeline.eval_batches(embedded_data_config, tokenizer, **kw))
+    assert len(memory) == len(streamed) == 11  # 500 examples per process, 48 per batch
+    for a, b in zip(memory, streamed):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
 
 
 def test_image_resize(embedded_data_config, tokenizer):
@@ -228,12 +260,15 @@ def test_train_order_depends_on_seed_and_is_reproducible(embedded_data_config, t
     assert not np.array_equal(a["image_id"], c["image_id"])
 
 
-def test_exact_resume(embedded_data_config, tokenizer):
-    # b = 512 over 4,000 examples: batch 7 straddles the first epoch boundary, batches 8-9 are in epoch 2.
-    kwargs = dict(global_batch_size=512, seed=3, process_index=0, process_count=1)
+@pytest.mark.parametrize("augment", [False, True], ids=["resize", "crop_flip"])
+def test_exact_resume(embedded_data_config, tokenizer, augment):
+    # b = 200 over 4,000 examples: batch 19 ends the first epoch, 20-22 are in epoch 2; resumes land mid-chunk.
+    if augment:  # per-example random crops and flips of the in-memory images, seeded by stream position
+        embedded_data_config.sources.easy_vqa.image.update(dict(random_resized_crop=True, flip=True))
+    kwargs = dict(global_batch_size=200, seed=3, process_index=0, process_count=1)
     from_zero = pipeline.train_iterator(embedded_data_config, tokenizer, **kwargs)
-    reference = [next(from_zero) for _ in range(10)]
-    for k in (5, 7):
+    reference = [next(from_zero) for _ in range(23)]
+    for k in (5, 19, 21):
         resumed = pipeline.train_iterator(embedded_data_config, tokenizer, start_step=k, **kwargs)
         for want in reference[k:]:
             got = next(resumed)
@@ -256,7 +291,7 @@ def test_train_shards_disjoint_and_complete(embedded_data_config, tokenizer):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(4000))
 
 
-def test_eval_padding_and_shards(embedded_data_config, tokenizer):
+def test_eval_padding_and_shards(embedded_data_config, embedded_data_dir, tokenizer):
     # One process: 1,000 = 2 x 384 + 232, so the third batch has 152 padding rows.
     batches = list(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=384,
                                          process_index=0, process_count=1))
@@ -265,7 +300,7 @@ def test_eval_padding_and_shards(embedded_data_config, tokenizer):
     ids = np.concatenate([b["image_id"][b["mask"] > 0] for b in batches])
     assert ids.tolist() == list(range(1000))
     # Caption 0 is the text.
-    test = _read_split(embedded_data_config.data_dir, "test")
+    test = _read_split(embedded_data_dir, "test")
     assert tokenizer.decode(batches[0]["text_ids"][:3]) == [test[i]["captions"][0].decode() for i in range(3)]
     # Two processes: the same number of batches each, disjoint, together complete.
     per_process = [list(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=384,
@@ -276,22 +311,24 @@ def test_eval_padding_and_shards(embedded_data_config, tokenizer):
     assert not set(shard_ids[0]) & set(shard_ids[1]) and sorted(shard_ids[0] + shard_ids[1]) == list(range(1000))
 
 
-def test_class_prompts(tokenizer):
-    prompts = pipeline.class_prompts(tokenizer, max_len=16)
-    t = len(evc.ZERO_SHOT_TEMPLATES)
-    assert prompts["text_ids"].shape == prompts["text_mask"].shape == (24, t, 16)
-    assert prompts["class_names"] == list(evc.CLASS_NAMES)
-    assert tokenizer.decode(prompts["text_ids"][5, 0]) == [evc.ZERO_SHOT_TEMPLATES[0].format(color="green",
-                                                                                            shape="triangle")]
+def test_prompts_render_the_class_names():
+    prompts = evc.render_prompts()
+    assert len(prompts) == 24 and all(len(p) == len(evc.ZERO_SHOT_TEMPLATES) for p in prompts)
+    assert prompts[5][0] == "an image that contains a green triangle."
 
 
 def test_config_errors(embedded_data_config, tokenizer):
     with pytest.raises(ValueError, match="not divisible by process_count"):
         pipeline.train_iterator(embedded_data_config, tokenizer, global_batch_size=33, seed=0,
                                 process_index=0, process_count=2)
-    embedded_data_config.name = "coco_captions"
-    with pytest.raises(ValueError, match="unknown dataset 'coco_captions'"):
-        pipeline.load_builder(embedded_data_config)
+    with pytest.raises(ValueError, match="data.sources is empty"):
+        pipeline.load_tokenizer(pipeline.default_data_config())
+    embedded_data_config.sources.easy_vqa.negatives = ("size", "captions")
+    with pytest.raises(ValueError, match="'captions' is not a ClassLabel feature"):
+        pipeline.dataset_meta(embedded_data_config)
+    embedded_data_config.sources.easy_vqa.negatives = ("position",)  # "top left": two words
+    with pytest.raises(ValueError, match="must be single words"):
+        pipeline.dataset_meta(embedded_data_config)
 
 
 def test_default_tokenizer_is_the_saved_one(embedded_data_config, tokenizer):
@@ -301,53 +338,65 @@ def test_default_tokenizer_is_the_saved_one(embedded_data_config, tokenizer):
         pipeline.load_tokenizer(embedded_data_config)
 
 
-def test_hard_negative_eval_captions_change_exactly_one_attribute(embedded_data_config):
+def test_hard_negative_eval_captions_change_exactly_one_attribute(embedded_data_config, tokenizer):
     """Hard ITM negatives: caption 0 with only its colour (or only its shape) replaced by another one."""
-    from mmjax.data import easy_vqa_captions as evc
-
-    tok = pipeline.load_tokenizer(embedded_data_config)
-    batch = next(pipeline.eval_batches(embedded_data_config, tok, global_batch_size=64, process_index=0,
-                                       process_count=1, hard_negatives=True))
-    true = tok.decode(batch["text_ids"])
+    batch = next(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=64, process_index=0,
+                                       process_count=1))
+    true = tokenizer.decode(batch["text_ids"])
     for key, attrs in (("other_color", evc.COLORS), ("other_shape", evc.SHAPES)):
-        neg = tok.decode(batch[f"{key}_text_ids"])
+        neg = tokenizer.decode(batch[f"{key}_text_ids"])
         assert batch[f"{key}_text_mask"].shape == batch["text_mask"].shape
-        for t, n, label in zip(true, neg, batch["label"]):
+        for t, n, label, image_id in zip(true, neg, batch["label"], batch["image_id"]):
             t_words, n_words = t.split(), n.split()
             assert len(t_words) == len(n_words)
             diff = [(a, b) for a, b in zip(t_words, n_words) if a != b]
             assert len(diff) == 1, (t, n)
             old, new = diff[0]
-            assert old in attrs and new in attrs and old != new
             color, shape = evc.COLORS[label // 3], evc.SHAPES[label % 3]
             assert old == (color if key == "other_color" else shape)
+            # The replacement is a function of the image: the (1 + id mod (k - 1))-th next word.
+            k = len(attrs)
+            assert new == attrs[(attrs.index(old) + 1 + int(image_id) % (k - 1)) % k]
 
 
-def test_train_hard_negatives_follow_the_drawn_caption(embedded_data_config):
+def test_train_hard_negatives_follow_the_drawn_caption(embedded_data_config, tokenizer):
     """Train batches' hard negatives are the drawn caption with one word changed, and the stream is unchanged."""
-    tok = pipeline.load_tokenizer(embedded_data_config)
     kwargs = dict(global_batch_size=32, seed=3, process_index=0, process_count=1)
-    plain = next(pipeline.train_iterator(embedded_data_config, tok, **kwargs))
-    batch = next(pipeline.train_iterator(embedded_data_config, tok, hard_negatives=True, **kwargs))
+    batch = next(pipeline.train_iterator(embedded_data_config, tokenizer, **kwargs))
+    embedded_data_config.sources.easy_vqa.negatives = ()
+    plain = next(pipeline.train_iterator(embedded_data_config, tokenizer, **kwargs))
     np.testing.assert_array_equal(plain["text_ids"], batch["text_ids"])
     np.testing.assert_array_equal(plain["image"], batch["image"])
     for key in ("other_color", "other_shape"):
-        for t, n in zip(tok.decode(batch["text_ids"]), tok.decode(batch[f"{key}_text_ids"])):
+        for t, n in zip(tokenizer.decode(batch["text_ids"]), tokenizer.decode(batch[f"{key}_text_ids"])):
             diff = [(a, b) for a, b in zip(t.split(), n.split()) if a != b]
             assert len(diff) == 1 and len(t.split()) == len(n.split()), (t, n)
 
 
-def test_region_inputs_are_the_boxes_pixels_and_coverage_targets(embedded_data_config, tokenizer):
+def test_swap_attribute_keeps_case_punctuation_and_refuses_ambiguity():
+    words = ("red", "green", "blue")
+    out = sources.swap_attribute(tf.constant(["Red circle.", "a (blue) square", "green!"]), tf.constant([0, 2, 1]),
+                                 tf.constant([0, 1, 0]), words, "test")
+    assert [x.decode() for x in out.numpy()] == ["green circle.", "a (green) square", "blue!"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="exactly once"):
+        sources.swap_attribute(tf.constant(["red and red"]), tf.constant([0]), tf.constant([0]), words, "test")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="exactly once"):
+        sources.swap_attribute(tf.constant(["a circle"]), tf.constant([0]), tf.constant([0]), words, "test")
+
+
+def test_regions_from_boxes_are_the_boxes_pixels_and_coverage_targets(embedded_data_config, embedded_data_dir,
+                                                                      tokenizer):
     embedded_data_config.regions.enabled = True
     batch = next(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=8,
                                        process_index=0, process_count=1))
-    r, f = pipeline.num_regions(embedded_data_config), pipeline.region_feat_dim(embedded_data_config)
+    meta = pipeline.dataset_meta(embedded_data_config)
+    r, f = meta.num_regions, meta.region_feature_dim
     assert (r, f) == (6, 192)
     assert batch["region_feats"].shape == (8, r, f) and batch["region_feats"].dtype == np.float32
     assert batch["region_boxes"].shape == (8, r, 4) and batch["region_mask"].shape == (8, r)
     assert np.all(batch["region_mask"] == 1)
-    examples = {ex["image_id"]: ex for ex in _read_split(embedded_data_config.data_dir, "test")}
-    crop = embedded_data_config.regions.crop
+    examples = {ex["image_id"]: ex for ex in _read_split(embedded_data_dir, "test")}
+    crop = embedded_data_config.sources.easy_vqa.regions_from_boxes.crop
     for k in range(8):
         ex = examples[int(batch["image_id"][k])]
         # Region 0 is the shape's measured box; region 1 the whole image; then the 2x2 grid.
@@ -367,8 +416,8 @@ def test_region_inputs_are_the_boxes_pixels_and_coverage_targets(embedded_data_c
         y0, x0, y1, x1 = ex["bbox"]
         assert t[1, ex["label"]] == pytest.approx((y1 - y0) * (x1 - x0), abs=1e-5)
         if y0 >= 0.5 or x0 >= 0.5:  # the box misses the top-left quadrant entirely
-            assert t[2, pipeline.NUM_REGION_CLASSES - 1] == pytest.approx(1.0)
-    shapes = pipeline.batch_shapes(embedded_data_config, 3)
+            assert t[2, meta.region_classes - 1] == pytest.approx(1.0)
+    shapes = pipeline.batch_shapes(embedded_data_config, meta, 3)
     assert shapes["region_feats"].shape == (3, r, f) and shapes["region_mask"].shape == (3, r)
 
 

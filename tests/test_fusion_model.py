@@ -1,5 +1,6 @@
 """FusionModel tests: every fusion block builds with shapes/finite values, logical axes, padding invariance, the
-tied MLM decoder, token sources (fused vs the encoders' own), late-fusion ITM, config handling and errors.
+tied MLM decoder, token sources (fused vs the encoders' own), late-fusion ITM, config handling (towers from the
+config, the tower registry, remat_policy) and errors.
 
 CPU, tiny sizes, eager apply. Parameters come from `jax.eval_shape(model.init)` (the real init code, traced, with
 its logical-axis boxes) filled with numpy normals: eager random init compiles one threefry program per shape,
@@ -15,14 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.models import build_model, towers
 from mmjax.models.fusion_model import FusionModel
+from mmjax.models.heads import HeadTransform
 from mmjax.models.text import TextTransformer
-from mmjax.models.vilt import HeadTransform
 
 B, L, V, W = 2, 6, 40, 16
 N_IMG = 1 + (16 // 8) ** 2  # cls + 2x2 patches
 IMAGE = dict(image_size=16, patch_size=8, width=W, depth=1, heads=2)
 TEXT = dict(vocab_size=V, max_len=L, width=W, depth=1, heads=2, causal=False)
+TOWERS = {"image": dict(kind="vit", **IMAGE), "text": dict(kind="text", **TEXT)}
 TRANSFORMER = dict(width=W, depth=1, num_heads=2)
 CONFIGS = {
     "concat": TRANSFORMER,
@@ -42,7 +45,7 @@ LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "length", "joint", None
 
 
 def _model(name, **kw):
-    return FusionModel(image=IMAGE, text=TEXT, fusion=name, fusion_args=CONFIGS[name], **kw)
+    return FusionModel(towers=TOWERS, fusion=name, fusion_args=CONFIGS[name], **kw)
 
 
 def _batch(seed=0):
@@ -118,14 +121,15 @@ def test_padded_text_ids_change_nothing_real(name):
 # ----------------------------------------------------------------------------------------- heads and tokens
 
 
-def test_mlm_decoder_is_tied_to_the_token_embedding():
+def test_mlm_decoder_is_tied_to_the_word_embedding():
     model, abstract, params, batch, out = _setup("concat")
     vocab_sized = [path for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
                    if V in leaf.shape]
-    assert len(vocab_sized) == 2, vocab_sized  # text_encoder/token_embedding and mlm_bias: no decoder kernel
+    assert len(vocab_sized) == 2, vocab_sized  # text_encoder/embeddings/word_embedding and mlm_bias: no decoder kernel
     h = HeadTransform(activation="gelu", ln_epsilon=1e-5).apply({"params": params["mlm_transform"]},
                                                                 out["text_tokens"])
-    expected = np.asarray(h) @ np.asarray(params["text_encoder"]["token_embedding"]).T + params["mlm_bias"]
+    table = params["text_encoder"]["embeddings"]["word_embedding"]
+    expected = np.asarray(h) @ np.asarray(table).T + params["mlm_bias"]
     np.testing.assert_allclose(out["mlm_logits"], expected, atol=1e-5)
 
 
@@ -148,13 +152,13 @@ def test_late_itm_logits_are_the_fused_decision():
     np.testing.assert_allclose(out["itm_logits"], logits, atol=1e-6)
     assert model.fusion_kwargs()["num_classes"] == 2
     with pytest.raises(ValueError, match="num_classes=2"):
-        FusionModel(image=IMAGE, text=TEXT, fusion="late", fusion_args=dict(num_classes=3)).fusion_kwargs()
-    FusionModel(image=IMAGE, text=TEXT, fusion="late", fusion_args=dict(num_classes=3), itm_head=False).fusion_kwargs()
+        FusionModel(towers=TOWERS, fusion="late", fusion_args=dict(num_classes=3)).fusion_kwargs()
+    FusionModel(towers=TOWERS, fusion="late", fusion_args=dict(num_classes=3), itm_head=False).fusion_kwargs()
 
 
 def test_fused_text_table():
     def fused(name, **args):
-        return FusionModel(image=IMAGE, text=TEXT, fusion=name, fusion_args=args).fused_text
+        return FusionModel(towers=TOWERS, fusion=name, fusion_args=args).fused_text
 
     assert not fused("concat")  # ConcatFusion's default depth 0: a typed concatenation, nothing mixes
     assert fused("concat", depth=1)
@@ -171,7 +175,7 @@ def test_fused_text_table():
 def test_width_dicts_dtypes_and_heads_off():
     """Traced only (eval_shape): fusion width != text width adds mlm_proj; dict/FrozenDict fields; bf16."""
     batch = _batch()
-    model = FusionModel(image=IMAGE, text=TEXT, fusion="cross_attention",
+    model = FusionModel(towers=TOWERS, fusion="cross_attention",
                         fusion_args=dict(TRANSFORMER, width=24, query="text"), dtype=jnp.bfloat16, remat=True)
     out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), batch)
     chex.assert_shape([out["pooled"], out["text_tokens"], out["mlm_logits"]], [(B, 24), (B, L, 24), (B, L, V)])
@@ -180,10 +184,10 @@ def test_width_dicts_dtypes_and_heads_off():
     assert "mlm_proj" in variables["params"]
     assert model.fusion_kwargs()["width"] == 24 and model.fusion_kwargs()["remat"]
 
-    frozen = FusionModel(image=flax.core.FrozenDict(IMAGE), text=flax.core.FrozenDict(TEXT), fusion="concat",
-                         fusion_args=flax.core.FrozenDict(TRANSFORMER))
+    frozen = FusionModel(towers=flax.core.FrozenDict({m: flax.core.FrozenDict(t) for m, t in TOWERS.items()}),
+                         fusion="concat", fusion_args=flax.core.FrozenDict(TRANSFORMER))
     assert hash(frozen) == hash(_model("concat")) and frozen.fusion_kwargs()["width"] == W
-    plain = FusionModel(image=IMAGE, text=TEXT, fusion="sum", mlm_head=False, itm_head=False)
+    plain = FusionModel(towers=TOWERS, fusion="sum", mlm_head=False, itm_head=False)
     assert plain.fusion_kwargs()["width"] == W  # defaults to the text width
     out = jax.eval_shape(plain.init_with_output, jax.random.key(0), batch)[0]
     assert set(out) == {"pooled", "text_tokens", "image_tokens", "image_mask"}
@@ -196,6 +200,98 @@ def test_errors():
         with pytest.raises(KeyError, match=key):
             model.init(jax.random.key(0), {k: v for k, v in batch.items() if k != key})
     with pytest.raises(ValueError, match="known:"):
-        FusionModel(image=IMAGE, text=TEXT, fusion="concatt").fusion_kwargs()
+        FusionModel(towers=TOWERS, fusion="concatt").fusion_kwargs()
     with pytest.raises(ValueError, match="n_bottleneck"):
-        FusionModel(image=IMAGE, text=TEXT, fusion="bottleneck", fusion_args=dict(n_bottleneck=2)).fusion_kwargs()
+        FusionModel(towers=TOWERS, fusion="bottleneck", fusion_args=dict(n_bottleneck=2)).fusion_kwargs()
+
+
+def test_build_model_validates_towers():
+    """build_model checks each tower's kind and fields (nearest valid names in the error) and converts dtypes."""
+    def config(**towers_):
+        return dict(name="fusion", towers=towers_, fusion="concat", fusion_args=TRANSFORMER)
+
+    model = build_model(config(image=dict(TOWERS["image"], dtype="bfloat16"), text=TOWERS["text"]))
+    assert isinstance(model, FusionModel) and model.towers["image"]["dtype"] == jnp.bfloat16
+    assert hash(model) == hash(build_model(config(image=dict(TOWERS["image"], dtype="bfloat16"), text=TOWERS["text"])))
+    with pytest.raises(ValueError, match=r"model.towers.text.vocab_sise.*vocab_size"):
+        build_model(config(image=TOWERS["image"], text=dict(TOWERS["text"], vocab_sise=3)))
+    with pytest.raises(ValueError, match=r"model.towers.image.*patch_sise.*patch_size"):
+        build_model(config(image=dict(TOWERS["image"], patch_sise=8), text=TOWERS["text"]))
+    with pytest.raises(ValueError, match=r"unknown tower kind 'vitt'.*\['vit'\].*known kinds"):
+        build_model(config(image=dict(TOWERS["image"], kind="vitt"), text=TOWERS["text"]))
+    with pytest.raises(ValueError, match="unknown tower kind None"):
+        build_model(config(image=IMAGE, text=TOWERS["text"]))
+    with pytest.raises(ValueError, match=r"Unknown field model.image"):  # the old shape names its fields
+        build_model(dict(name="fusion", image=IMAGE, text=TEXT))
+
+
+def _remat_policies(jaxpr) -> list:
+    """The `policy` of every rematerialised (jax.checkpoint) call in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if "policy" in eqn.params:
+            found.append(eqn.params["policy"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _remat_policies(sub)
+    return found
+
+
+def test_remat_policy_reaches_towers_and_block():
+    """remat_policy applies to both towers' blocks and the fusion block's layers; a sub-config's own wins."""
+    batch = _batch()
+    model = _model("cross_attention", remat=True, remat_policy="dots_saveable")
+    variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+    found = _remat_policies(jax.make_jaxpr(model.apply)(variables, batch).jaxpr)
+    assert len(found) == 3  # one Block per tower, one CrossAttentionLayer in the block
+    assert all(p == jax.checkpoint_policies.dots_saveable for p in found), found
+    assert model.fusion_kwargs()["remat_policy"] == "dots_saveable"
+    own = dict(TOWERS, text=dict(TOWERS["text"], remat=True, remat_policy="everything_saveable"))
+    model = FusionModel(towers=own, fusion="cross_attention", fusion_args=CONFIGS["cross_attention"])
+    found = _remat_policies(jax.make_jaxpr(model.apply)(variables, batch).jaxpr)
+    assert found == [jax.checkpoint_policies.everything_saveable]  # only the text tower asked for remat
+
+
+class _ToyAudio(nn.Module):
+    """A stand-in audio tower: one Dense over frame features."""
+
+    width: int = W
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, frames, *, train=False):
+        del train
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(frames)
+
+
+def test_registry_entry_adds_a_modality(monkeypatch):
+    """A new tower kind is one registry entry: FusionModel then fuses three modalities (traced only)."""
+    def encode(tower, batch, train):
+        tokens = tower(batch["audio"], train=train)
+        return tokens, jnp.ones(tokens.shape[:2], jnp.int32)
+
+    monkeypatch.setitem(towers.TOWERS, "toy_audio", towers.TowerKind(module=_ToyAudio, inputs=("audio",),
+                                                                      encode=encode))
+    model = build_model(dict(name="fusion", towers=dict(TOWERS, audio=dict(kind="toy_audio")), fusion="concat",
+                             fusion_args=TRANSFORMER))
+    batch = dict(_batch(), audio=jnp.zeros((B, 5, 3)))
+    out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), batch)
+    chex.assert_shape([out["audio_tokens"], out["audio_mask"]], [(B, 5, W), (B, 5)])
+    chex.assert_shape([out["text_tokens"], out["image_tokens"], out["mlm_logits"]],
+                      [(B, L, W), (B, N_IMG, W), (B, L, V)])
+    assert {"audio_encoder", "image_encoder", "text_encoder"} <= set(variables["params"])
+    assert model.required_keys == ("image", "text_ids", "text_mask", "audio")
+    with pytest.raises(KeyError, match="audio"):
+        model.init(jax.random.key(0), _batch())
+
+
+def test_mlm_needs_a_text_tower():
+    image_only = FusionModel(towers={"image": TOWERS["image"]}, fusion="sum", fusion_args=dict(width=W))
+    with pytest.raises(ValueError, match="mlm_head needs a 'text' tower"):
+        image_only.init(jax.random.key(0), _batch())
+    no_mlm = image_only.clone(mlm_head=False)
+    out = jax.eval_shape(no_mlm.init_with_output, jax.random.key(0), _batch())[0]
+    assert set(out) == {"pooled", "image_tokens", "image_mask", "itm_logits"}

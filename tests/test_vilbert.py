@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmjax.models.vilbert import ViLBERT, location_features
-from mmjax.models.vilt import HeadTransform
+from mmjax.models.heads import HeadTransform
 
 B, L, R, F, C, D, V = 2, 6, 4, 12, 5, 16, 50  # batch, text length, regions, feature dim, region classes, width, vocab
 TINY = dict(vocab_size=V, max_len=8, region_feat_dim=F, num_region_classes=C, width=D, text_depth=1, image_depth=1,
@@ -93,7 +93,7 @@ def test_shapes_and_dtypes():
     chex.assert_shape(out["itm_logits"], (B, 2))
     chex.assert_shape(out["mlm_logits"], (B, L, V))
     chex.assert_shape(out["mrc_logits"], (B, R, C))
-    chex.assert_shape(inter["image_embeddings"][0], (B, 1 + R, D))  # [IMG] + regions inside the model
+    chex.assert_shape(inter["embeddings"][0]["image"], (B, 1 + R, D))  # [IMG] + regions inside the model
     for key in ("itm_logits", "mlm_logits", "mrc_logits", "text_tokens", "pooled"):
         assert out[key].dtype == jnp.float32, key
     assert out["image_mask"].dtype == jnp.int32
@@ -124,12 +124,13 @@ def test_params_logically_partitioned():
         assert len(named) == len(set(named)), (where, leaf.names)
     expected = {"text_encoder", "image_encoder", "co_0_text", "co_0_image", "self_0_text", "self_0_image",
                 "co_1_text", "co_1_image", "self_1_text", "self_1_image", "text_pooler", "image_pooler",
-                "itm_head", "mlm_transform", "mlm_bias", "mrc_transform", "mrc_decoder", "word_embedding"}
+                "itm_head", "mlm_transform", "mlm_bias", "mrc_transform", "mrc_decoder", "text_embeddings"}
     assert expected <= set(params)
     assert "co_2_text" not in params
     # Tied MLM decoder: the only vocab-sized tensors are the word table and the decoder bias.
     vocab_sized = {jax.tree_util.keystr(p) for p, x in leaves if V in x.value.shape}
-    assert vocab_sized == {"['word_embedding']", "['mlm_bias']"}
+    assert vocab_sized == {"['text_embeddings']['word_embedding']", "['mlm_bias']"}
+    assert set(params["text_embeddings"]) == {"word_embedding", "pos_embedding", "type_embedding", "ln"}
     # image_depth=0: no image-only encoder parameters at all.
     shapes = jax.eval_shape(ViLBERT(**dict(TINY, image_depth=0)).init, jax.random.PRNGKey(0), make_batch())
     assert "image_encoder" not in shapes["params"]
@@ -183,7 +184,7 @@ def test_img_token():
     f = batch["region_feats"][0, 0]
     same = dict(batch, region_feats=batch["region_feats"].at[0, :3].set(f),
                 region_boxes=batch["region_boxes"].at[0, 0].set(jnp.array([0.0, 0.0, 1.0, 1.0])))
-    emb = run(same)[1]["image_embeddings"][0]
+    emb = run(same)[1]["embeddings"][0]["image"]
     np.testing.assert_allclose(emb[0, 0], emb[0, 1], atol=ATOL)
     assert np.abs(emb[0, 0] - emb[0, 2]).max() > 1e-3  # same feature, different box: different embedding
 
@@ -200,7 +201,7 @@ def test_region_feature_mask_is_zeroing_after_which_img_is_averaged():
     chex.assert_trees_all_close(inter_m, inter_z, atol=1e-6)
 
     out, inter = run(batch)
-    emb, emb_m = inter["image_embeddings"][0], inter_m["image_embeddings"][0]
+    emb, emb_m = inter["embeddings"][0]["image"], inter_m["embeddings"][0]["image"]
     changed = np.abs(np.asarray(emb_m - emb)).max(-1) > 1e-4  # [B, 1 + R]
     expected = np.zeros((B, 1 + R), bool)
     expected[:, 0] = True  # [IMG] (the mean) in both examples
@@ -212,17 +213,18 @@ def test_region_feature_mask_is_zeroing_after_which_img_is_averaged():
 
 
 def test_mlm_decoder_tied_to_word_embeddings():
-    """mlm_logits = HeadTransform(text_tokens) @ word_embedding^T + mlm_bias."""
+    """mlm_logits = HeadTransform(text_tokens) @ text_embeddings/word_embedding^T + mlm_bias."""
     out, _ = run(make_batch())
     params = nn.unbox(variables()["params"])
     h = HeadTransform(ln_epsilon=1e-12).apply({"params": params["mlm_transform"]}, out["text_tokens"])
-    np.testing.assert_allclose(out["mlm_logits"], h @ params["word_embedding"].T + params["mlm_bias"],
+    word = params["text_embeddings"]["word_embedding"]
+    np.testing.assert_allclose(out["mlm_logits"], h @ word.T + params["mlm_bias"],
                                rtol=1e-5, atol=1e-5)
 
 
 def test_remat_dropout_and_optional_keys_trace():
-    """remat keeps the parameter tree; train=True with dropout and a batch without the optional keys both run
-    (traced only: eval_shape, no compile)."""
+    """remat keeps the parameter tree; train=True with dropout and a batch without the optional keys both run;
+    remat_policy reaches every rematerialised layer (traced only: eval_shape, no compile)."""
     batch = make_batch()
     remat = ViLBERT(**TINY, remat=True, dropout_rate=0.1, attention_dropout_rate=0.1)
     tree = jax.tree.map(lambda x: (x.shape, x.dtype), variables())
@@ -231,6 +233,10 @@ def test_remat_dropout_and_optional_keys_trace():
     out = jax.eval_shape(lambda v, b: remat.apply(v, b, train=True, rngs={"dropout": jax.random.PRNGKey(1)}),
                          variables(), batch)
     chex.assert_shape(out["mrc_logits"], (B, R, C))
+    dots = ViLBERT(**TINY, remat=True, remat_policy="dots_saveable")
+    chex.assert_shape(jax.eval_shape(dots.apply, variables(), batch)["mrc_logits"], (B, R, C))
+    with pytest.raises(ValueError, match="remat_policy"):
+        jax.eval_shape(ViLBERT(**TINY, remat=True, remat_policy="nothing_savable").apply, variables(), batch)
     minimal = {k: x for k, x in batch.items() if k not in ("text_type_ids", "region_feature_mask")}
     chex.assert_shape(jax.eval_shape(MODEL.apply, variables(), minimal)["itm_logits"], (B, 2))
 

@@ -12,7 +12,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from mmjax.models import build_model
-from mmjax.models.vilt import ViLT, interpolate_pos_embedding, patchify
+from mmjax.models.layers import interpolate_pos_embedding, patchify
+from mmjax.models.vilt import ViLT
 
 B, L, S, P, D, V = 2, 6, 32, 8, 32, 50  # batch, text length, image side, patch, width, vocab
 N = (S // P) ** 2
@@ -82,8 +83,9 @@ def test_params_logically_partitioned():
         assert len(leaf.names) == leaf.value.ndim, (jax.tree_util.keystr(path), leaf.names, leaf.value.shape)
     # The only vocab-sized tensors: the word table and the decoder bias (the decoder kernel is tied).
     vocab_sized = {jax.tree_util.keystr(p) for p, x in leaves if V in x.value.shape}
-    assert vocab_sized == {"['word_embedding']", "['mlm_bias']"}
-    assert params["word_embedding"].names == ("vocab", "embed")
+    assert vocab_sized == {"['text_embeddings']['word_embedding']", "['mlm_bias']"}
+    assert params["text_embeddings"]["word_embedding"].names == ("vocab", "embed")
+    assert set(params["text_embeddings"]) == {"word_embedding", "pos_embedding", "type_embedding", "ln"}
 
 
 def test_text_padding_does_not_change_real_outputs():
@@ -146,19 +148,22 @@ def test_patch_mask_changes_exactly_masked_inputs():
 
 
 def test_mlm_decoder_tied_to_word_embeddings():
-    """mlm_logits = transform(text_tokens) @ word_embedding^T + bias, and follow edits of the embedding table."""
+    """mlm_logits = transform(text_tokens) @ text_embeddings/word_embedding^T + bias, and follow edits of the
+    embedding table."""
     variables, batch = shared_variables(), make_batch(patch_mask=no_mask())
     out, state = jax.jit(lambda v, b: MODEL.apply(
         v, b, capture_intermediates=lambda m, _: m.name == "mlm_transform"))(variables, batch)
     h = state["intermediates"]["mlm_transform"]["__call__"][0]
     params = nn.unbox(variables["params"])
-    np.testing.assert_allclose(out["mlm_logits"], h @ params["word_embedding"].T + params["mlm_bias"],
-                               rtol=1e-5, atol=1e-5)
+    word = params["text_embeddings"]["word_embedding"]
+    np.testing.assert_allclose(out["mlm_logits"], h @ word.T + params["mlm_bias"], rtol=1e-5, atol=1e-5)
     # Editing only row 0 (never an input id here: ids are >= 1) changes only logit 0. (A random direction: adding
     # a constant would vanish against the zero-mean LayerNorm output h.)
     edited = {"params": dict(variables["params"])}
-    edited["params"]["word_embedding"] = variables["params"]["word_embedding"].replace_boxed(
-        params["word_embedding"].at[0].add(jax.random.normal(jax.random.PRNGKey(5), (D,))))
+    text_embeddings = dict(variables["params"]["text_embeddings"])
+    text_embeddings["word_embedding"] = text_embeddings["word_embedding"].replace_boxed(
+        word.at[0].add(jax.random.normal(jax.random.PRNGKey(5), (D,))))
+    edited["params"]["text_embeddings"] = text_embeddings
     out2 = jitted_apply(MODEL)(edited, batch)
     diff = np.abs(np.asarray(out2["mlm_logits"] - out["mlm_logits"])).max(axis=(0, 1))
     assert diff[0] > 1e-3 and diff[1:].max() == 0.0

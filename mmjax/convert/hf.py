@@ -32,8 +32,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: weight name -> shard file
 
-# HF model_type (== our config "name") -> converter module. Imported lazily: hf_clip / hf_vilt are written
-# separately and need not exist for BERT / ViT conversion to work.
+# HF model_type (== our config "name") -> converter module, imported on first use (each pulls in only its family).
 CONVERTERS: dict[str, str] = {
     "bert": "mmjax.convert.hf_bert",
     "vit": "mmjax.convert.hf_vit",

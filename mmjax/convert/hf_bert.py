@@ -19,14 +19,14 @@ IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 def _rules(depth: int, type_vocab_size: int, pooler: bool) -> list[hf.Rule]:
     """Our param path <-> BertModel tensor name, for the whole model."""
-    t = ("text_encoder",)
+    t, e = ("text_encoder",), ("text_encoder", "embeddings")
     rules: list[hf.Rule] = [
-        (t + ("token_embedding",), "embeddings.word_embeddings.weight", "copy"),
-        (t + ("pos_embedding",), "embeddings.position_embeddings.weight", "copy"),
+        (e + ("word_embedding",), "embeddings.word_embeddings.weight", "copy"),
+        (e + ("pos_embedding",), "embeddings.position_embeddings.weight", "copy"),
     ]
     if type_vocab_size:
-        rules.append((t + ("type_embedding",), "embeddings.token_type_embeddings.weight", "copy"))
-    rules += hf.layer_norm_rules(t + ("ln_embed",), "embeddings.LayerNorm")
+        rules.append((e + ("type_embedding",), "embeddings.token_type_embeddings.weight", "copy"))
+    rules += hf.layer_norm_rules(e + ("ln",), "embeddings.LayerNorm")
     for i in range(depth):
         pre = f"encoder.layer.{i}."
         rules += hf.block_rules(t + ("encoder", f"layer_{i}"), {

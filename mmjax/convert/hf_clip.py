@@ -98,8 +98,8 @@ def text_rules(depth: int) -> list[hf.Rule]:
     """CLIPTextModel (prefix text_model.) <-> our text_encoder (a causal pre-LN TextTransformer)."""
     ours, pre = ("text_encoder",), "text_model."
     rules: list[hf.Rule] = [
-        (ours + ("token_embedding",), pre + "embeddings.token_embedding.weight", "copy"),
-        (ours + ("pos_embedding",), pre + "embeddings.position_embedding.weight", "copy"),
+        (ours + ("embeddings", "word_embedding"), pre + "embeddings.token_embedding.weight", "copy"),
+        (ours + ("embeddings", "pos_embedding"), pre + "embeddings.position_embedding.weight", "copy"),
     ]
     rules += hf.layer_norm_rules(ours + ("ln_final",), pre + "final_layer_norm")
     for i in range(depth):

@@ -119,17 +119,18 @@ def model_config_from_hf(hf_config: Mapping[str, Any], architecture: str,
 def _rules(architecture: str, depth: int, prefix: str) -> list[hf.Rule]:
     """Our param path <-> HF tensor name for the whole model of one architecture."""
     emb = prefix + "embeddings."
+    text = ("text_embeddings",)  # our layers.TextEmbeddings = HF's ViltEmbeddings.text_embeddings (BertEmbeddings)
     rules: list[hf.Rule] = [
-        (("word_embedding",), emb + "text_embeddings.word_embeddings.weight", "copy"),
-        (("text_pos_embedding",), emb + "text_embeddings.position_embeddings.weight", "copy"),
-        (("text_type_embedding",), emb + "text_embeddings.token_type_embeddings.weight", "copy"),
+        (text + ("word_embedding",), emb + "text_embeddings.word_embeddings.weight", "copy"),
+        (text + ("pos_embedding",), emb + "text_embeddings.position_embeddings.weight", "copy"),
+        (text + ("type_embedding",), emb + "text_embeddings.token_type_embeddings.weight", "copy"),
         (("patch_kernel",), emb + "patch_embeddings.projection.weight", "conv"),
         (("patch_bias",), emb + "patch_embeddings.projection.bias", "copy"),
         (("cls",), emb + "cls_token", "token"),
         (("image_pos_embedding",), emb + "position_embeddings", "batch1"),
         (("modality_embedding",), emb + "token_type_embeddings.weight", "copy"),
     ]
-    rules += hf.layer_norm_rules(("ln_text",), emb + "text_embeddings.LayerNorm")
+    rules += hf.layer_norm_rules(text + ("ln",), emb + "text_embeddings.LayerNorm")
     for i in range(depth):
         pre = f"{prefix}encoder.layer.{i}."
         rules += hf.block_rules(("encoder", f"layer_{i}"), {

@@ -75,6 +75,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 from unittest import mock
 
@@ -322,6 +323,9 @@ def region_file(regions: str, image_path: str) -> str:
     return os.path.join(regions, os.path.splitext(image_path)[0] + ".npz")
 
 
+_NPZ_LOCK = threading.Lock()
+
+
 def read_regions(path: str) -> dict[str, np.ndarray]:
     """The validated float32 arrays of one regions .npz (features, boxes[, class_probs]); raises BadInput."""
     if not os.path.isfile(path):
@@ -331,7 +335,10 @@ def read_regions(path: str) -> dict[str, np.ndarray]:
         return BadInput("bad_regions", f"regions file {path}: {problem}")
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # np.load parses each array's header with ast.literal_eval, and CPython before 3.11.8 / 3.12.1 corrupts
+        # its AST recursion counter when two threads do that at once (gh-106905: "AST constructor recursion depth
+        # mismatch"); parallel_map reads region files in threads, so their loads take turns.
+        with _NPZ_LOCK, np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise bad("not an .npz archive")
             arrays = {k: npz[k] for k in ("features", "boxes", "class_probs") if k in npz.files}

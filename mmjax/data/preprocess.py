@@ -405,16 +405,25 @@ def _resolve_config(cfg) -> ml_collections.ConfigDict:
     return resolved
 
 
-def image_preprocess_fn(cfg, *, train: bool, image_size: int, mean: Sequence[float],
-                        std: Sequence[float]) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """fn(encoded bytes or uint8 [H, W, 3], seed [2]) -> normalised float32 [image_size, image_size, 3].
+def is_deterministic(cfg, *, train: bool) -> bool:
+    """Whether `image_preprocess_fn(cfg, train=train, ...)` ignores its seed (no random crop, flip or RandAugment)."""
+    cfg = _resolve_config(cfg)
+    return not (train and (cfg.random_resized_crop or cfg.flip or cfg.randaugment.num_layers))
+
+
+def image_preprocess_fn(cfg, *, train: bool, image_size: int, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """fn(encoded bytes or uint8 [H, W, 3], seed [2]) -> float32 [image_size, image_size, 3], normalised with
+    (mean, std) when given, else in 0..255.
 
     Train: random_resized_crop (or the resize) -> flip -> RandAugment (at the final size, as timm and big_vision
     do; the image is rounded to uint8 first) -> normalize. Eval: the resize ("shorter" then center-crops) ->
-    normalize; eval ignores the seed. Train with "shorter" and no random_resized_crop center-crops as well.
+    normalize; eval ignores the seed. Train with "shorter" and no random_resized_crop center-crops as well. An
+    image already image_size x image_size is not resized.
     """
     cfg = _resolve_config(cfg)
-    mean, std = mean_std((mean, std))
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
     crop = train and cfg.random_resized_crop
     flip = train and cfg.flip
     ra_layers = cfg.randaugment.num_layers if train else 0
@@ -430,6 +439,8 @@ def image_preprocess_fn(cfg, *, train: bool, image_size: int, mean: Sequence[flo
         crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 3))
         if crop:
             x = random_resized_crop(image, image_size, crop_seed, scale=crop_scale)
+        elif image.shape[0] == image_size and image.shape[1] == image_size:
+            x = tf.cast(image, tf.float32)  # already the size: a resize would only blur it
         elif cfg.resize == "shorter":
             x = center_crop(resize(image, image_size, "shorter"), image_size)
         else:
@@ -438,7 +449,7 @@ def image_preprocess_fn(cfg, *, train: bool, image_size: int, mean: Sequence[flo
             x = random_flip(x, flip_seed)
         if ra_layers:
             x = rand_augment(_to_uint8(x), ra_seed, ra_layers, cfg.randaugment.magnitude)
-        out = normalize(x, mean, std)
+        out = normalize(x, *mean_std((mean, std))) if mean is not None else tf.cast(x, tf.float32)
         return tf.ensure_shape(out, [image_size, image_size, 3])
 
     return fn

@@ -1,4 +1,8 @@
-"""mmjax models: pure linen Modules, one file per family; `build_model` makes one from a config."""
+"""mmjax models: pure linen Modules, one file per family; `build_model` makes one from a config.
+
+Families (clip, vilt, uniter, vilbert, fusion_model, bert) never import each other: they share the towers
+(vit.py, text.py, and the tower registry towers.py), layers.py, heads.py and the fusion block library fusion.py.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,7 @@ from mmjax.models.bert import BertModel
 from mmjax.models.clip import CLIP
 from mmjax.models.fusion_model import FusionModel
 from mmjax.models.text import TextTransformer
+from mmjax.models.towers import TOWERS, tower_kind
 from mmjax.models.uniter import UNITER
 from mmjax.models.vilbert import ViLBERT
 from mmjax.models.vilt import ViLT
@@ -24,18 +29,21 @@ MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNIT
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
     ("clip", "image"): ViT, ("clip", "text"): TextTransformer,
-    ("fusion", "image"): ViT, ("fusion", "text"): TextTransformer,
     ("bert", "text"): TextTransformer, ("vit", "image"): ViT,
 }
+# Fields holding {modality: {"kind": KIND, **fields}} tower dicts (validated against towers.TOWERS[KIND].module).
+_TOWER_FIELDS: frozenset[tuple[str, str]] = frozenset({("fusion", "towers")})
 # Config keys that describe the model but are not Module fields.
 _META_KEYS = ("name", "variant")
 
 
 def _fields(cls: type[nn.Module]) -> list[str]:
+    """The dataclass fields a config may set (flax's parent / name excluded)."""
     return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
 
 
 def _check_fields(cls: type[nn.Module], kwargs: Mapping[str, Any], where: str) -> None:
+    """Unknown keys raise ValueError naming the nearest valid fields."""
     valid = _fields(cls)
     for key in kwargs:
         if key not in valid:
@@ -53,7 +61,26 @@ def _canon(value: Any) -> Any:
 
 
 def _dtype(value: Any) -> Any:
+    """Dtype names ("bfloat16") -> jnp scalar types; anything else unchanged."""
     return jnp.dtype(value).type if isinstance(value, str) else value
+
+
+def _submodule_kwargs(cls: type[nn.Module], value: Mapping[str, Any], where: str) -> Any:
+    """A nested dict of `cls` fields, validated, with dtype names converted, frozen."""
+    sub = dict(value)
+    _check_fields(cls, sub, where)
+    return _canon({k: _dtype(v) if k.endswith("dtype") else v for k, v in sub.items()})
+
+
+def _tower_kwargs(towers: Mapping[str, Any], where: str) -> Any:
+    """{modality: {"kind": KIND, **fields}}: every kind known and every field one of its Module's."""
+    out = {}
+    for modality, value in dict(towers).items():
+        sub = dict(value)
+        kind = sub.pop("kind", None)
+        module = tower_kind(kind, f"{where}.{modality}").module
+        out[modality] = {"kind": kind, **_submodule_kwargs(module, sub, f"{where}.{modality}")}
+    return _canon(out)
 
 
 def build_model(model_config: Mapping[str, Any]) -> nn.Module:
@@ -69,10 +96,9 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     _check_fields(cls, kwargs, "model")
     for key, value in list(kwargs.items()):
         if (name, key) in _SUBMODULE_FIELDS:
-            sub = dict(value)
-            _check_fields(_SUBMODULE_FIELDS[(name, key)], sub, f"model.{key}")
-            sub = {k: _dtype(v) if k.endswith("dtype") else v for k, v in sub.items()}
-            kwargs[key] = _canon(sub)
+            kwargs[key] = _submodule_kwargs(_SUBMODULE_FIELDS[(name, key)], value, f"model.{key}")
+        elif (name, key) in _TOWER_FIELDS:
+            kwargs[key] = _tower_kwargs(value, f"model.{key}")
         elif key.endswith("dtype"):
             kwargs[key] = _dtype(value)
         else:
@@ -80,4 +106,5 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BertModel", "CLIP", "FusionModel", "MODELS", "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "build_model"]
+__all__ = ["BertModel", "CLIP", "FusionModel", "MODELS", "TOWERS", "TextTransformer", "UNITER", "ViLBERT", "ViLT",
+           "ViT", "ViTModel", "build_model"]

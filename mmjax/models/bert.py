@@ -12,8 +12,8 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import layers
-from mmjax.models.layers import Array, Dtype, partitioned
+from mmjax.models import heads, layers
+from mmjax.models.layers import Array, Dtype
 from mmjax.models.text import TextTransformer
 
 # BERT's structure; the `text` dict adds sizes (vocab_size, max_len, width, depth, heads, mlp_dim, ...).
@@ -24,7 +24,8 @@ BERT_TEXT_DEFAULTS: dict[str, Any] = dict(causal=False, norm="post", pool="cls",
 class BertModel(nn.Module):
     """BERT: `text_encoder` (TextTransformer) -> {"last_hidden_state", "pooler_output"}.
 
-    `dtype`, `param_dtype` and `remat` override the same keys in `text` (one setting for the whole model).
+    `dtype`, `param_dtype`, `remat` and `remat_policy` override the same keys in `text` (one setting for the whole
+    model). Parameters: text_encoder/{embeddings, encoder} (see TextTransformer), pooler.
     """
 
     text: Mapping[str, Any]  # TextTransformer kwargs, over BERT_TEXT_DEFAULTS
@@ -32,6 +33,7 @@ class BertModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
 
     def __post_init__(self) -> None:
         # Frozen so the Module stays hashable (jit static args, flax's module caching).
@@ -41,15 +43,12 @@ class BertModel(nn.Module):
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
         """batch: text_ids int [B, L], text_mask int [B, L] (1 = real; optional), text_type_ids (optional)."""
-        kwargs = {**BERT_TEXT_DEFAULTS, **dict(self.text),
-                  "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat}
+        kwargs = {**BERT_TEXT_DEFAULTS, **dict(self.text), "dtype": self.dtype, "param_dtype": self.param_dtype,
+                  "remat": self.remat, "remat_policy": self.remat_policy}
         _, tokens = TextTransformer(**kwargs, name="text_encoder")(
             batch["text_ids"], batch.get("text_mask"), batch.get("text_type_ids"), train=train)
         out = {"last_hidden_state": tokens}
         if self.pooler:
-            # Like ViLT's pooler: a width x width kernel cannot name "embed" twice, so the output side is "mlp".
-            dense = layers.Dense(tokens.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
-                                 bias_init=partitioned(layers.zeros_init, ("mlp",)), name="pooler")
-            out["pooler_output"] = layers.constrain(jnp.tanh(dense(tokens[:, 0])), ("batch", "embed"))
+            pooled = heads.pooler(tokens[:, 0], dtype=self.dtype, param_dtype=self.param_dtype)
+            out["pooler_output"] = layers.constrain(pooled, ("batch", "embed"))
         return out

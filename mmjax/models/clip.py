@@ -26,8 +26,11 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
 class CLIP(nn.Module):
     """Dual encoder for contrastive image-text pretraining (softmax = CLIP, sigmoid = SigLIP).
 
-    `dtype`, `param_dtype` and `remat` here override the same keys in the tower dicts, so the trainer's one
-    setting applies to both towers.
+    `dtype`, `param_dtype`, `remat` and `remat_policy` here override the same keys in the tower dicts, so the
+    trainer's one setting applies to both towers.
+
+    Parameters: image_encoder (ViT), text_encoder (TextTransformer), image_projection, text_projection,
+    logit_scale, and logit_bias (sigmoid loss).
     """
 
     image: Mapping[str, Any]  # ViT kwargs
@@ -40,6 +43,7 @@ class CLIP(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     # LiT: a locked text tower gets no gradient (stop_gradient: no backward pass through it). Pair it with
     # `optimizer.freeze` so that weight decay leaves its parameters unchanged too.
     lock_text: bool = False
@@ -53,7 +57,8 @@ class CLIP(nn.Module):
     def setup(self) -> None:
         if self.loss not in ("softmax", "sigmoid"):
             raise ValueError(f"loss must be 'softmax' or 'sigmoid'; got {self.loss!r}")
-        shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                      remat_policy=self.remat_policy)
         self.image_encoder = ViT(**{**dict(self.image), **shared})
         self.text_encoder = TextTransformer(**{**dict(self.text), **shared})
         proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
-from mmjax.models.layers import Array, Dtype, partitioned
+from mmjax.models.layers import Array, CrossAttentionLayer, Dtype, masked_mean, partitioned
 
 Streams = Mapping[str, Array]
 Output = dict[str, Any]
@@ -50,15 +50,6 @@ POOLS = ("mean", "first")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-
-
-def masked_mean(x: Array, mask: Array) -> Array:
-    """Mean of x [B, L, D] over real positions (mask [B, L], 1 = real) -> [B, D]; all-padding rows give 0."""
-    m = jnp.asarray(mask) > 0
-    # `where`, not x * mask: garbage in padded slots (even inf/NaN) must not leak; sum in float32 for bf16.
-    total = jnp.sum(jnp.where(m[..., None], x.astype(jnp.float32), 0.0), axis=1)
-    count = jnp.maximum(jnp.sum(m, axis=1, keepdims=True).astype(jnp.float32), 1.0)
-    return (total / count).astype(x.dtype)
 
 
 def pool_tokens(x: Array, mask: Array, how: str) -> Array:
@@ -86,55 +77,6 @@ def _dense(features: int, names: tuple[Optional[str], Optional[str]], dtype: Dty
     return layers.Dense(features, dtype=dtype, param_dtype=param_dtype,
                         kernel_init=partitioned(layers.dense_init, names),
                         bias_init=partitioned(layers.zeros_init, (names[1],)), name=name)
-
-
-def _maybe_remat(cls: type[nn.Module], remat: bool, deterministic_argnum: int) -> type[nn.Module]:
-    """nn.remat(cls) when `remat`; `deterministic_argnum` counts `self` as 0 (a Python bool picks code paths)."""
-    if not remat:
-        return cls
-    return nn.remat(cls, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(deterministic_argnum,))
-
-
-# ---------------------------------------------------------------------------------------------- shared layers
-
-
-class CrossAttentionLayer(nn.Module):
-    """Cross-attention transformer layer: queries x attend to kv, then an MLP, each with residual + LayerNorm.
-
-    norm="pre":  x = x + MHA(LN(x), kv=LN_kv(kv)); x = x + MLP(LN(x))
-    norm="post": x = LN(x + MHA(x, kv=kv));       x = LN(x + MLP(x))     (BERT/ViLBERT)
-    """
-
-    num_heads: int
-    mlp_dim: int
-    norm: str = "pre"
-    activation: str = "gelu"
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    ln_epsilon: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, kv: Array, kv_bias: Optional[Array] = None, deterministic: bool = True) -> Array:
-        """x: [B, Lq, E]; kv: [B, Lk, E]; kv_bias: additive key bias broadcastable to [B, H, Lq, Lk]."""
-        if self.norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
-        ln = functools.partial(layers.layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
-        attn = layers.MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-                                         dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attn")
-        mlp = layers.MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="mlp")
-        drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
-        x = layers.constrain(x)
-        if self.norm == "pre":
-            x = x + drop(attn(ln(name="ln_1")(x), kv=ln(name="ln_kv")(kv), bias=kv_bias,
-                              deterministic=deterministic))
-            x = x + drop(mlp(ln(name="ln_2")(x), deterministic=deterministic))
-        else:
-            x = ln(name="ln_1")(x + drop(attn(x, kv=kv, bias=kv_bias, deterministic=deterministic)))
-            x = ln(name="ln_2")(x + drop(mlp(x, deterministic=deterministic)))
-        return layers.constrain(x)
 
 
 # ------------------------------------------------------------------------------------------------ base classes
@@ -213,18 +155,26 @@ class _TransformerFusion(_Fusion):
     attention_dropout_rate: float = 0.0
     ln_epsilon: float = 1e-6
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
 
     @property
     def _mlp_dim(self) -> int:
         return self.mlp_dim or 4 * self.width
 
+    def _remat(self, cls: type[nn.Module], deterministic_argnum: int) -> type[nn.Module]:
+        """`cls` rematerialised per remat / remat_policy (layers.remat); the argnum of `deterministic` counts
+        `self` as 0."""
+        return layers.remat(cls, self.remat, self.remat_policy, static_argnums=(deterministic_argnum,))
+
     def _layer_kwargs(self) -> dict[str, Any]:
+        """Fields shared by every Block / CrossAttentionLayer of the block."""
         return dict(num_heads=self.num_heads, mlp_dim=self._mlp_dim, norm=self.norm, activation=self.activation,
                     dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
                     ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _encoder(self, depth: int, name: str) -> layers.Encoder:
-        return layers.Encoder(depth=depth, remat=self.remat, **self._layer_kwargs(), name=name)
+        return layers.Encoder(depth=depth, remat=self.remat, remat_policy=self.remat_policy, **self._layer_kwargs(),
+                              name=name)
 
     def _final_ln(self, x: Array, name: str) -> Array:
         """Pre-norm stacks end un-normalised (layers.Encoder leaves the final LN to its owner); post-norm ones
@@ -369,7 +319,7 @@ class CrossModalAttention(_TransformerFusion):
         x = xs[self.query]
         kv, kv_mask = _concat(others, xs, ms)
         kv_bias = layers.padding_bias(kv_mask)
-        layer_cls = _maybe_remat(CrossAttentionLayer, self.remat, 4)
+        layer_cls = self._remat(CrossAttentionLayer, 4)
         for i in range(self.depth):
             x = layer_cls(**self._layer_kwargs(), name=f"layer_{i}")(x, kv, kv_bias, not train)
         x = layers.constrain(self._final_ln(x, "ln_final"))
@@ -397,8 +347,8 @@ class CoAttention(_TransformerFusion):
         a, b = names
         xs = {n: self._to_width(xs[n], n) for n in names}
         bias = {n: layers.padding_bias(ms[n]) for n in names}
-        cross_cls = _maybe_remat(CrossAttentionLayer, self.remat, 4)
-        self_cls = _maybe_remat(layers.Block, self.remat, 3)
+        cross_cls = self._remat(CrossAttentionLayer, 4)
+        self_cls = self._remat(layers.Block, 3)
         kw = self._layer_kwargs()
         for i in range(self.depth):
             # Both updates read the layer's inputs (not each other's outputs): the two directions are simultaneous.
@@ -435,7 +385,7 @@ class BottleneckFusion(_TransformerFusion):
         xs = {n: self._to_width(xs[n], n) for n in names}
         batch = xs[names[0]].shape[0]
         bias = {n: layers.padding_bias(ms[n]) for n in names}
-        block_cls = _maybe_remat(layers.Block, self.remat, 3)
+        block_cls = self._remat(layers.Block, 3)
         kw = self._layer_kwargs()
 
         bottleneck = None
@@ -569,7 +519,7 @@ def build_fusion(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "AdditiveGatedFusion", "BottleneckFusion", "CoAttention", "ConcatFusion", "CrossAttentionLayer",
-    "CrossModalAttention", "FUSION_BLOCKS", "LateFusion", "MultiplicativeGatedFusion", "SharedWeightsFusion",
-    "SumFusion", "build_fusion", "masked_mean", "pool_tokens", "squashed_sigmoid",
+    "AdditiveGatedFusion", "BottleneckFusion", "CoAttention", "ConcatFusion", "CrossModalAttention", "FUSION_BLOCKS",
+    "LateFusion", "MultiplicativeGatedFusion", "SharedWeightsFusion", "SumFusion", "build_fusion", "pool_tokens",
+    "squashed_sigmoid",
 ]

@@ -1,6 +1,11 @@
-"""FusionModel: any ViT image encoder + any text encoder + any `fusion` block + MLM / ITM heads.
+"""FusionModel: single-modality towers from the config + any `fusion` block + MLM / ITM heads.
 
-Data flow (B batch, N image tokens, L text positions, V vocabulary):
+Config shape (`towers` maps each modality name to a tower config, see `mmjax.models.towers`):
+
+    towers = {"image": {"kind": "vit", **ViT fields}, "text": {"kind": "text", **TextTransformer fields}}
+    fusion = "concat" (a fusion.FUSION_BLOCKS name), fusion_args = that block's fields
+
+Data flow (B batch, N image tokens, L text positions, V vocabulary), for the image + text towers above:
 
     image [B, H, W, C] --ViT--------------> image tokens [B, N, D_img]  (every token, incl. a cls token if any;
                                                                           image mask = all ones [B, N])
@@ -9,13 +14,15 @@ Data flow (B batch, N image tokens, L text positions, V vocabulary):
     pooled      [B, width]   = out["pooled"]
     itm_logits  [B, 2]       = Dense(2)(pooled)            ("late" block: its fused decision out["logits"])
     text_tokens / image_tokens: see the table below
-    mlm_logits  [B, L, V]    = HeadTransform(text_tokens) @ token_embedding.T + mlm_bias
-                               (decoder tied to the text tower's `token_embedding` table; when text_tokens are
-                               not D_txt wide a Dense `mlm_proj` first maps them to D_txt; HeadTransform uses
+    mlm_logits  [B, L, V]    = HeadTransform(text_tokens) @ word_embedding.T + mlm_bias
+                               (decoder tied to the text tower's embeddings/word_embedding table; when text_tokens
+                               are not D_txt wide a Dense `mlm_proj` first maps them to D_txt; HeadTransform uses
                                the text tower's activation and ln_epsilon)
 
-`width` (the fusion block's) defaults to the text tower's width. Head outputs (itm_logits, mlm_logits) are
-float32; everything else is in `dtype`.
+Every tower gives `{modality}_tokens`; towers whose mask is not a batch key (the ViT's) also give
+`{modality}_mask`. The MLM head needs the tower named "text" (its kind must have a word table). `width` (the fusion
+block's) defaults to the text tower's width (without one: the first tower's). Head outputs (itm_logits,
+mlm_logits) are float32; everything else is in `dtype`.
 
 Where text_tokens / image_tokens come from, and whether the text tokens (hence MLM) can see the image
 (`FusionModel.fused_text`; `fused_image` likewise for the image tokens):
@@ -33,14 +40,16 @@ Where text_tokens / image_tokens come from, and whether the text tokens (hence M
     sum, multiplicative_gated, additive_gated, late
                           the encoders' own (D_img, D_txt)       no (pooling-only blocks)
 
-A block that returns no streams but a `sequence` concatenating both modalities (N + L long) is split back by
-modality order. Where fused_text is False the MLM objective is TEXT-ONLY masked language modelling: the masked
-words are predicted from the caption alone, and only ITM (through `pooled`) trains the cross-modal part.
+A block that returns no streams but a `sequence` concatenating every modality is split back by modality order.
+Where fused_text is False the MLM objective is TEXT-ONLY masked language modelling: the masked words are predicted
+from the caption alone, and only ITM (through `pooled`) trains the cross-modal part.
 
-Every parameter carries logical axis names (see `layers`). `dtype` and `param_dtype` override the same keys in
-`image`, `text` and `fusion_args`; `remat=True` turns rematerialisation on in both towers and the block (a
-sub-config may also turn it on by itself). The block's extra outputs (gates, per-modality logits, bottleneck, ...)
-are sown as intermediates["fusion_extras"] (apply with mutable=["intermediates"] to read them).
+Parameters: {modality}_encoder (image_encoder, text_encoder: the towers), fusion (the block), itm_head,
+mlm_proj (if needed), mlm_transform, mlm_bias. Every parameter carries logical axis names (see `layers`).
+`dtype` and `param_dtype` override the same keys in every tower and in `fusion_args`; `remat=True` turns
+rematerialisation on in every tower and the block (a sub-config may also turn it on by itself), with
+`remat_policy` unless the sub-config names its own. The block's extra outputs (gates, per-modality logits,
+bottleneck, ...) are sown as intermediates["fusion_extras"] (apply with mutable=["intermediates"] to read them).
 """
 from __future__ import annotations
 
@@ -51,14 +60,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import fusion as fusion_lib
-from mmjax.models import layers
+from mmjax.models import heads, layers
 from mmjax.models.layers import Array, Dtype, partitioned
-from mmjax.models.text import TextTransformer
-from mmjax.models.vilt import tied_mlm_logits
-from mmjax.models.vit import ViT
+from mmjax.models.towers import TowerKind, field_value, tower_kind
 
-REQUIRED_KEYS = ("image", "text_ids", "text_mask")
-MODALITIES = ("image", "text")
+# The modality whose tower feeds the MLM head (and whose width is the fusion block's default width).
+TEXT = "text"
 
 
 def _freeze(value: Any) -> Any:
@@ -70,13 +77,8 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _field(cls: type[nn.Module], kwargs: Mapping[str, Any], name: str) -> Any:
-    """kwargs[name] if given, else the dataclass default of `cls.name`."""
-    return kwargs[name] if name in kwargs else cls.__dataclass_fields__[name].default
-
-
 def _mixes(block: nn.Module, stream: str) -> bool:
-    """Whether `block`'s output tokens for `stream` ("image" | "text") depend on the other modality."""
+    """Whether `block`'s output tokens for the modality `stream` depend on another modality."""
     if isinstance(block, (fusion_lib.ConcatFusion, fusion_lib.CoAttention)):
         return block.depth > 0
     if isinstance(block, fusion_lib.CrossModalAttention):
@@ -88,37 +90,59 @@ def _mixes(block: nn.Module, stream: str) -> bool:
 
 
 class FusionModel(nn.Module):
-    """Image tower + text tower + a named fusion block + MLM/ITM heads (see the module docstring)."""
+    """Towers (from `towers`) + a named fusion block + MLM/ITM heads (see the module docstring)."""
 
-    image: Mapping[str, Any]  # ViT kwargs
-    text: Mapping[str, Any]  # TextTransformer kwargs (causal=False for masked LM)
+    towers: Mapping[str, Mapping[str, Any]]  # modality -> {"kind": a towers.TOWERS name, **that Module's fields}
     fusion: str = "concat"  # a fusion.FUSION_BLOCKS name
     fusion_args: Mapping[str, Any] = flax.core.FrozenDict()  # that block's fields (width defaults to text width)
     mlm_head: bool = True
     itm_head: bool = True
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         # Freeze the dicts so the Module stays hashable (jit static args, flax's module caching).
-        for key in ("image", "text", "fusion_args"):
+        for key in ("towers", "fusion_args"):
             object.__setattr__(self, key, _freeze(getattr(self, key)))
         super().__post_init__()
 
     # ------------------------------------------------------------------------------------------- config
 
     def _shared(self, cls: type[nn.Module], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """kwargs with the model's dtype/param_dtype, and remat turned on if asked here (when cls has it)."""
+        """kwargs with the model's dtype/param_dtype, remat turned on if asked here, and the model's remat_policy
+        unless kwargs name one (remat / remat_policy only when cls has them)."""
         out = {**dict(kwargs), "dtype": self.dtype, "param_dtype": self.param_dtype}
-        if "remat" in cls.__dataclass_fields__:
+        fields = cls.__dataclass_fields__
+        if "remat" in fields:
             out["remat"] = bool(self.remat or kwargs.get("remat", False))
+        if "remat_policy" in fields:
+            out["remat_policy"] = kwargs.get("remat_policy", self.remat_policy)
         return out
+
+    def tower(self, modality: str) -> tuple[TowerKind, dict[str, Any]]:
+        """(registry entry, Module kwargs without `kind`) of one tower, as configured (no dtype/remat overrides)."""
+        fields = dict(self.towers[modality])
+        kind = tower_kind(fields.pop("kind", None), f"FusionModel.towers[{modality!r}]")
+        return kind, fields
 
     @property
     def text_width(self) -> int:
-        """Width D_txt of the text tower's tokens (and of its token-embedding table)."""
-        return _field(TextTransformer, self.text, "width")
+        """Width D_txt of the text tower's tokens (and of its word table)."""
+        if TEXT not in self.towers:
+            raise ValueError(f"FusionModel has no {TEXT!r} tower; towers: {sorted(self.towers)}")
+        kind, fields = self.tower(TEXT)
+        return field_value(kind.module, fields, "width")
+
+    def _default_width(self) -> int:
+        """The fusion block's default width: the text tower's, else the first tower's."""
+        if TEXT in self.towers:
+            return self.text_width
+        if not self.towers:
+            raise ValueError("FusionModel needs at least one tower in `towers`")
+        kind, fields = self.tower(next(iter(self.towers)))
+        return field_value(kind.module, fields, "width")
 
     def fusion_kwargs(self) -> dict[str, Any]:
         """The fusion block's kwargs: fusion_args + defaults (width = text width; late: num_classes = 2)."""
@@ -127,7 +151,7 @@ class FusionModel(nn.Module):
         valid = set(cls.__dataclass_fields__) - {"parent", "name"} if cls is not None else set()
         if cls is None or set(kwargs) - valid:
             fusion_lib.build_fusion(self.fusion, **kwargs)  # raises, listing the known names / fields
-        kwargs.setdefault("width", self.text_width)
+        kwargs.setdefault("width", self._default_width())
         if issubclass(cls, fusion_lib.LateFusion):
             kwargs.setdefault("num_classes", 2)
             if self.itm_head and kwargs["num_classes"] != 2:
@@ -140,85 +164,99 @@ class FusionModel(nn.Module):
         return fusion_lib.FUSION_BLOCKS[self.fusion](**self.fusion_kwargs(), **module_kwargs)
 
     @property
+    def required_keys(self) -> tuple[str, ...]:
+        """Batch keys the towers need, in tower order."""
+        keys: list[str] = []
+        for modality in self.towers:
+            keys += [k for k in self.tower(modality)[0].inputs if k not in keys]
+        return tuple(keys)
+
+    @property
     def image_cls_first(self) -> bool:
-        """True iff image_tokens[:, 0] is the ViT's cls token (word-patch alignment leaves it out)."""
-        pool = _field(ViT, self.image, "pool")
-        cls_token = _field(ViT, self.image, "cls_token")
-        return pool == "cls" if cls_token is None else bool(cls_token)
+        """True iff image_tokens[:, 0] is the image tower's cls token (word-patch alignment leaves it out)."""
+        if "image" not in self.towers:
+            return False
+        kind, fields = self.tower("image")
+        return bool(kind.cls_first(fields)) if kind.cls_first is not None else False
+
+    def fused(self, modality: str) -> bool:
+        """True iff the returned `{modality}_tokens` depend on another modality."""
+        return _mixes(self._block(parent=None), modality)
 
     @property
     def fused_text(self) -> bool:
         """True iff the text tokens feeding the MLM head depend on the image (else MLM is text-only)."""
-        return _mixes(self._block(parent=None), "text")
+        return self.fused(TEXT)
 
     @property
     def fused_image(self) -> bool:
         """True iff the returned image_tokens depend on the text."""
-        return _mixes(self._block(parent=None), "image")
+        return self.fused("image")
 
     # ------------------------------------------------------------------------------------------ forward
 
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
-        """batch {image [B,H,W,C], text_ids [B,L], text_mask [B,L] (+ optional text_type_ids)} -> {pooled,
-        text_tokens, image_tokens, image_mask, and with the heads on: itm_logits [B,2], mlm_logits [B,L,V]}."""
-        for key in REQUIRED_KEYS:
+        """batch (the towers' keys: image [B,H,W,C], text_ids [B,L], text_mask [B,L], optional text_type_ids) ->
+        {pooled, {modality}_tokens, {modality}_mask for towers without a mask key (image_mask), and with the heads
+        on: itm_logits [B,2], mlm_logits [B,L,V]}."""
+        if not self.towers:
+            raise ValueError("FusionModel needs at least one tower in `towers`")
+        for key in self.required_keys:
             if key not in batch:
                 raise KeyError(f"FusionModel needs batch key {key!r}; got keys {sorted(batch)}")
-        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
-        if text_ids.ndim != 2 or text_mask.shape != text_ids.shape:
-            raise ValueError(f"text_ids and text_mask must both be [B, L]; got {text_ids.shape} and "
-                             f"{text_mask.shape}")
-        text_mask = (jnp.asarray(text_mask) > 0).astype(jnp.int32)
+        if self.mlm_head and (TEXT not in self.towers or self.tower(TEXT)[0].word_table is None):
+            raise ValueError(f"mlm_head needs a {TEXT!r} tower whose kind has a word table (kind 'text'); "
+                             f"towers: {sorted(self.towers)}")
 
-        _, img = ViT(**self._shared(ViT, self.image), name="image_encoder")(batch["image"], train=train)
-        text_encoder = TextTransformer(**self._shared(TextTransformer, self.text), name="text_encoder")
-        _, txt = text_encoder(text_ids, text_mask, batch.get("text_type_ids"), train=train)
-        b, n, length = img.shape[0], img.shape[1], txt.shape[1]
-        if text_ids.shape[0] != b:
-            raise ValueError(f"image batch {b} != text batch {text_ids.shape[0]}")
-        image_mask = jnp.ones((b, n), jnp.int32)
+        names = tuple(self.towers)
+        encoders, tokens, masks = {}, {}, {}
+        for m in names:
+            kind, fields = self.tower(m)
+            encoders[m] = kind.module(**self._shared(kind.module, fields), name=f"{m}_encoder")
+            tokens[m], masks[m] = kind.encode(encoders[m], batch, train)
+        sizes = {m: tokens[m].shape[0] for m in names}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch sizes differ across towers: {sizes}")
 
         block = self._block(name="fusion")
-        out = block({"image": img, "text": txt}, {"image": image_mask, "text": text_mask}, train=train)
+        out = block(tokens, masks, train=train)
 
-        if out.get("streams") is not None and all(m in out["streams"] for m in MODALITIES):
-            image_tokens, text_tokens = out["streams"]["image"], out["streams"]["text"]
-        elif out.get("sequence") is not None and out["sequence"].shape[1] == n + length:
-            # A concatenation of both streams without per-stream outputs: split it in the block's modality order.
-            order = tuple(block.modalities) if block.modalities is not None else tuple(sorted(MODALITIES))
-            sizes = {"image": n, "text": length}
-            offsets = {m: sum(sizes[o] for o in order[: order.index(m)]) for m in MODALITIES}
-            image_tokens = out["sequence"][:, offsets["image"]:offsets["image"] + n]
-            text_tokens = out["sequence"][:, offsets["text"]:offsets["text"] + length]
+        lengths = {m: tokens[m].shape[1] for m in names}
+        if out.get("streams") is not None and all(m in out["streams"] for m in names):
+            fused = {m: out["streams"][m] for m in names}
+        elif out.get("sequence") is not None and out["sequence"].shape[1] == sum(lengths.values()):
+            # A concatenation of every stream without per-stream outputs: split it in the block's modality order.
+            order = tuple(block.modalities) if block.modalities is not None else tuple(sorted(names))
+            fused, offset = {}, 0
+            for m in order:
+                fused[m] = out["sequence"][:, offset:offset + lengths[m]]
+                offset += lengths[m]
         else:
             # Pooling-only block: the encoders' own tokens (MLM is then text-only).
-            image_tokens, text_tokens = img, txt
+            fused = tokens
         extras = {k: v for k, v in out.items() if k not in ("sequence", "mask", "pooled", "streams")}
         if extras:
             self.sow("intermediates", "fusion_extras", extras)  # gates, per-modality logits, ... for analyses
 
         pooled = out["pooled"]
-        result = {
-            "pooled": layers.constrain(pooled, ("batch", "embed")),
-            "text_tokens": layers.constrain(text_tokens),
-            "image_tokens": layers.constrain(image_tokens),
-            "image_mask": image_mask,
-        }
+        result = {"pooled": layers.constrain(pooled, ("batch", "embed"))}
+        for m in names:
+            result[f"{m}_tokens"] = layers.constrain(fused[m])
+            if self.tower(m)[0].mask_input is None:  # the batch does not carry this mask already
+                result[f"{m}_mask"] = masks[m]
         if self.itm_head:
             if isinstance(block, fusion_lib.LateFusion):
-                itm = out["logits"]  # decision-level fusion: the block's own 2-way fused logits
+                result["itm_logits"] = out["logits"].astype(jnp.float32)  # decision-level fusion: the block's own
             else:
-                itm = layers.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   kernel_init=partitioned(layers.dense_init, ("embed", None)),
-                                   bias_init=partitioned(layers.zeros_init, (None,)), name="itm_head")(pooled)
-            result["itm_logits"] = itm.astype(jnp.float32)
+                result["itm_logits"] = heads.itm_logits(pooled, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.mlm_head:
-            result["mlm_logits"] = self._mlm(text_tokens, text_encoder)
+            result["mlm_logits"] = self._mlm(fused[TEXT], encoders[TEXT])
         return result
 
-    def _mlm(self, text_tokens: Array, text_encoder: TextTransformer) -> Array:
-        """HeadTransform -> decoder tied to the text tower's token_embedding [V, D_txt] (+ bias) -> float32."""
+    def _mlm(self, text_tokens: Array, text_encoder: nn.Module) -> Array:
+        """HeadTransform -> decoder tied to the text tower's word table [V, D_txt] (+ bias) -> float32."""
+        kind, fields = self.tower(TEXT)
         x = text_tokens
         d_txt = self.text_width
         if x.shape[-1] != d_txt:
@@ -226,12 +264,12 @@ class FusionModel(nn.Module):
             x = layers.Dense(d_txt, dtype=self.dtype, param_dtype=self.param_dtype,
                              kernel_init=partitioned(layers.dense_init, (None, "embed")),
                              bias_init=partitioned(layers.zeros_init, ("embed",)), name="mlm_proj")(x)
-        # Tied decoder (BERT/ViLT): the table is the text tower's own parameter, read through its scope (boxed
-        # at init, plain or boxed in apply), so its gradient sums the embedding and decoder uses.
-        table = nn.unbox(text_encoder.variables["params"]["token_embedding"])
-        return tied_mlm_logits(self, x, table, activation=_field(TextTransformer, self.text, "activation"),
-                               ln_epsilon=_field(TextTransformer, self.text, "ln_epsilon"), dtype=self.dtype,
-                               param_dtype=self.param_dtype)
+        # Tied decoder (BERT/ViLT): the table is the text tower's own parameter, read through its scope, so its
+        # gradient sums the embedding and decoder uses.
+        return heads.tied_mlm_logits(self, x, kind.word_table(text_encoder),
+                                     activation=field_value(kind.module, fields, "activation"),
+                                     ln_epsilon=field_value(kind.module, fields, "ln_epsilon"), dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
 
 
-__all__ = ["FusionModel", "REQUIRED_KEYS"]
+__all__ = ["FusionModel"]

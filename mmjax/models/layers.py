@@ -1,4 +1,8 @@
-"""Shared transformer blocks: attention, MLP, pre-/post-LN block and encoder stack.
+"""Shared model parts: attention, MLP, pre-/post-LN blocks (self- and cross-attention), the encoder stack, BERT-style
+text embeddings, patch embedding and position-table interpolation, masked pooling and the one remat helper.
+
+Model families (clip, vilt, uniter, vilbert, fusion_model, bert) build from these, from the towers (vit.py, text.py),
+the heads (heads.py) and the fusion blocks (fusion.py); no family file imports another family's file.
 
 Logical axis names (every parameter carries them; `mmjax.sharding` maps them to mesh axes via config rules):
 
@@ -20,6 +24,7 @@ import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,6 +108,45 @@ def causal_bias(length: int) -> Array:
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None, None]
 
 
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of x [B, L, D] over real positions (mask [B, L], 1 = real) -> [B, D]; all-padding rows give 0."""
+    m = jnp.asarray(mask) > 0
+    # `where`, not x * mask: garbage in padded slots (even inf/NaN) must not leak; sum in float32 for bf16.
+    total = jnp.sum(jnp.where(m[..., None], x.astype(jnp.float32), 0.0), axis=1)
+    count = jnp.maximum(jnp.sum(m, axis=1, keepdims=True).astype(jnp.float32), 1.0)
+    return (total / count).astype(x.dtype)
+
+
+# jax.checkpoint_policies entries that build a policy from arguments (names to save, offload targets): a config
+# names a policy by a string, so only the ready-made policies can be used.
+_POLICY_FACTORIES = frozenset({"offload_dot_with_no_batch_dims", "save_and_offload_only_these_names",
+                               "save_any_names_but_these", "save_anything_except_these_names",
+                               "save_from_both_policies", "save_only_these_names"})
+
+
+def remat_policy_names() -> list[str]:
+    """The names `remat_policy` accepts: jax.checkpoint_policies' ready-made policies (not its factories)."""
+    return sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and n not in _POLICY_FACTORIES)
+
+
+def remat(module_cls: type[nn.Module], enabled: bool, policy_name: str = "nothing_saveable",
+          static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+    """`module_cls` rematerialised with jax.checkpoint_policies.<policy_name> when `enabled`, else unchanged.
+
+    The one place models turn `remat` / `remat_policy` into nn.remat. `static_argnums` counts `self` as 0; pass
+    the position of `deterministic` (a Python bool that picks code paths, so it cannot be traced). The policy
+    name is checked even when remat is off, so a typo in a config fails at once rather than when remat is
+    turned on.
+    """
+    valid = remat_policy_names()
+    if policy_name not in valid:
+        raise ValueError(f"Unknown remat_policy {policy_name!r}; known: {valid}")
+    if not enabled:
+        return module_cls
+    return nn.remat(module_cls, policy=getattr(jax.checkpoint_policies, policy_name),
+                    static_argnums=tuple(static_argnums))
+
+
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
     """LayerNorm with logically partitioned ("embed",) scale and bias; statistics are reduced in float32."""
     return nn.LayerNorm(
@@ -125,6 +169,50 @@ def matmul_last(x: Array, kernel: Array) -> Array:
     out_shape = kernel.shape[1:]
     y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[0], -1)
     return y.reshape(*x.shape[:-1], *out_shape)
+
+
+def patchify(image: Array, patch_size: int) -> Array:
+    """image [B, H, W, C] -> patches [B, N, p*p*C] in raster order, pixels (row, col, channel) within a patch.
+
+    The input layout of `patch_embedding` (its kernel is the conv's HWIO kernel flattened the same way) and of
+    ViLT's `mpp_pred`, so MPP targets are `patchify(image, p)`.
+    """
+    p = patch_size
+    return einops.rearrange(image, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+
+
+def patch_embedding(owner: nn.Module, image: Array, patch_size: int, width: int, *, use_bias: bool = True,
+                    dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> Array:
+    """Non-overlapping patch projection inside `owner`'s compact scope: image [B, H, W, C] -> [B, N, width].
+
+    Creates `owner`'s parameters `patch_kernel` [p, p, C, width] (a conv kernel in HWIO layout, so checkpoints'
+    patch convs map one-to-one) and, with use_bias, `patch_bias` [width]. Computed as patchify + one matmul: the
+    same maths as a conv with kernel = stride = p, and a plain dot_general is what XLA:CPU runs fastest.
+    """
+    p, c = patch_size, image.shape[-1]
+    kernel = owner.param("patch_kernel", partitioned(nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                                                     (None, None, None, "embed")), (p, p, c, width), param_dtype)
+    x = matmul_last(patchify(image.astype(dtype), p), kernel.reshape(-1, width).astype(dtype))
+    if use_bias:
+        x = x + owner.param("patch_bias", partitioned(zeros_init, ("embed",)), (width,), param_dtype).astype(dtype)
+    return x
+
+
+def interpolate_pos_embedding(table: Array, grid: tuple[int, int], new_grid: tuple[int, int],
+                              method: str = "bicubic") -> Array:
+    """Position table [1 + gh*gw, D] (cls row first) -> [1 + nh*nw, D] for a new patch grid.
+
+    The cls row is kept; the patch rows are resized as a 2-D grid [gh, gw, D] (jax.image.resize, half-pixel
+    centres, in float32). The same grid returns the table unchanged, so the training resolution is exact.
+    """
+    if tuple(grid) == tuple(new_grid):
+        return table
+    gh, gw = grid
+    if table.shape[0] != 1 + gh * gw:
+        raise ValueError(f"position table has {table.shape[0]} rows; grid {gh}x{gw} (+cls) needs {1 + gh * gw}")
+    cls, patches = table[:1], table[1:].reshape(gh, gw, table.shape[-1]).astype(jnp.float32)
+    patches = jax.image.resize(patches, (*new_grid, table.shape[-1]), method=method)
+    return jnp.concatenate([cls, patches.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)
 
 
 class Dense(nn.Module):
@@ -328,6 +416,47 @@ class Block(nn.Module):
         return constrain(x)
 
 
+class CrossAttentionLayer(nn.Module):
+    """Cross-attention transformer layer: queries x attend to kv, then an MLP, each with residual + LayerNorm.
+
+    norm="pre":  x = x + MHA(LN(x), kv=LN_kv(kv)); x = x + MLP(LN(x))
+    norm="post": x = LN(x + MHA(x, kv=kv));       x = LN(x + MLP(x))     (BERT/ViLBERT)
+
+    Parameters: cross_attn (MultiHeadAttention), mlp, ln_1, ln_2, and ln_kv (pre-LN only).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    norm: str = "pre"
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, kv: Array, kv_bias: Optional[Array] = None, deterministic: bool = True) -> Array:
+        """x: [B, Lq, E]; kv: [B, Lk, E]; kv_bias: additive key bias broadcastable to [B, H, Lq, Lk]."""
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        ln = functools.partial(layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
+        attn = MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
+                                  dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attn")
+        mlp = MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="mlp")
+        drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+        x = constrain(x)
+        if self.norm == "pre":
+            x = x + drop(attn(ln(name="ln_1")(x), kv=ln(name="ln_kv")(kv), bias=kv_bias,
+                              deterministic=deterministic))
+            x = x + drop(mlp(ln(name="ln_2")(x), deterministic=deterministic))
+        else:
+            x = ln(name="ln_1")(x + drop(attn(x, kv=kv, bias=kv_bias, deterministic=deterministic)))
+            x = ln(name="ln_2")(x + drop(mlp(x, deterministic=deterministic)))
+        return constrain(x)
+
+
 class Encoder(nn.Module):
     """Stack of `depth` Blocks named layer_0 ... layer_{depth-1}, optionally rematerialised.
 
@@ -351,14 +480,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array] = None, deterministic: bool = True) -> Array:
         """x: [B, L, E] -> [B, L, E] (no final LayerNorm: the model owning the stack adds it)."""
-        block_cls = Block
-        if self.remat:
-            # static_argnums counts `self` as 0: `deterministic` (3) is a Python bool that selects code paths.
-            block_cls = nn.remat(
-                Block,
-                policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                static_argnums=(3,),
-            )
+        # static_argnums counts `self` as 0: `deterministic` (3) is a Python bool that selects code paths.
+        block_cls = remat(Block, self.remat, self.remat_policy, static_argnums=(3,))
         for i in range(self.depth):
             x = block_cls(
                 num_heads=self.num_heads,
@@ -376,7 +499,8 @@ class Encoder(nn.Module):
 
 
 def tower_encoder(tower: nn.Module, name: str = "encoder") -> Encoder:
-    """The Encoder of a tower module whose fields use the towers' names (depth, heads, width, mlp_dim, norm, ...)."""
+    """The Encoder of a tower module whose fields use the towers' names (depth, heads, width, mlp_dim, norm, ...,
+    remat, remat_policy)."""
     return Encoder(
         depth=tower.depth,
         num_heads=tower.heads,
@@ -387,7 +511,74 @@ def tower_encoder(tower: nn.Module, name: str = "encoder") -> Encoder:
         attention_dropout_rate=tower.attention_dropout_rate,
         ln_epsilon=tower.ln_epsilon,
         remat=tower.remat,
+        remat_policy=tower.remat_policy,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
         name=name,
     )
+
+
+class TextEmbeddings(nn.Module):
+    """BERT-style text embeddings: word + position (0..L-1) [+ token type] [-> LayerNorm].
+
+    Parameters (logical axes in brackets):
+
+        word_embedding  [vocab_size, width]       ("vocab", "embed")   also the tied MLM decoder's weight
+        pos_embedding   [max_len, width]          ("length", "embed")
+        type_embedding  [type_vocab_size, width]  (None, "embed")      only when type_vocab_size > 0
+        ln              LayerNorm scale / bias     ("embed",)           only when use_ln
+
+    `__call__(ids, type_ids, mask)` returns (embeddings [B, L, width] in dtype, the word table [vocab_size, width]
+    in param_dtype); the owner reads the table for a tied MLM decoder. Missing type_ids mean type 0. With a `mask`
+    (1 = real), padded slots look up row 0 of the word and type tables: an out-of-range id there would gather NaN,
+    which attention's 0 weight on that key cannot cancel (0 * NaN = NaN). Without one the ids are used as given,
+    so padded outputs depend on the padded ids (real ones never do: attention masks them out).
+    `type_rows(type_ids)` reads rows of the type table for tokens that are not text (UNITER's regions share the
+    table, as row 1). Dropout is left to the owner.
+    """
+
+    vocab_size: int
+    max_len: int
+    width: int
+    type_vocab_size: int = 0
+    use_ln: bool = True
+    ln_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        # setup (not compact) so that `type_rows` can read the type table from outside `__call__`.
+        self.word_embedding = self.param("word_embedding", partitioned(embed_init, ("vocab", "embed")),
+                                         (self.vocab_size, self.width), self.param_dtype)
+        self.pos_embedding = self.param("pos_embedding", partitioned(embed_init, ("length", "embed")),
+                                        (self.max_len, self.width), self.param_dtype)
+        if self.type_vocab_size:
+            self.type_embedding = self.param("type_embedding", partitioned(embed_init, (None, "embed")),
+                                             (self.type_vocab_size, self.width), self.param_dtype)
+        if self.use_ln:
+            self.ln = layer_norm(self.ln_epsilon, self.dtype, self.param_dtype)
+
+    def type_rows(self, type_ids: Array | int) -> Array:
+        """Rows of the type table for `type_ids` (any shape, or one int) -> [..., width] in dtype."""
+        if not self.type_vocab_size:
+            raise ValueError("type_rows needs type_vocab_size > 0")
+        # Gathers keep the tables in param dtype; only the looked-up rows are cast.
+        return jnp.take(self.type_embedding, jnp.asarray(type_ids), axis=0).astype(self.dtype)
+
+    def __call__(self, ids: Array, type_ids: Optional[Array] = None,
+                 mask: Optional[Array] = None) -> tuple[Array, Array]:
+        """ids int [B, L]; type_ids int [B, L] (default 0); mask [B, L] (1 = real; zeroes padded ids when given)."""
+        length = ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
+        if mask is not None:
+            real = jnp.asarray(mask) > 0
+            ids = jnp.where(real, ids, 0)
+            type_ids = None if type_ids is None else jnp.where(real, type_ids, 0)
+        x = jnp.take(self.word_embedding, ids, axis=0).astype(self.dtype)
+        x = x + self.pos_embedding[:length].astype(self.dtype)[None]
+        if self.type_vocab_size:
+            x = x + self.type_rows(jnp.zeros_like(ids) if type_ids is None else type_ids)
+        if self.use_ln:
+            x = self.ln(x)
+        return x, self.word_embedding

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import layers
-from mmjax.models.layers import Array, Dtype, partitioned
+from mmjax.models.layers import Array, Dtype
 
 
 class TextTransformer(nn.Module):
@@ -19,6 +19,10 @@ class TextTransformer(nn.Module):
     causal=False: BERT-style bidirectional encoder (pooled at the first/CLS token by default); with norm="post"
     the embedding LayerNorm is on and the final LayerNorm off, as in BERT.
     Returns `(pooled [B, width], tokens [B, L, width])`.
+
+    Parameters: embeddings/{word_embedding [vocab_size, width], pos_embedding [max_len, width], type_embedding
+    [type_vocab_size, width] (type_vocab_size > 0), ln (embed_ln)} (layers.TextEmbeddings), encoder/layer_{i},
+    ln_final (final_ln).
     """
 
     vocab_size: int = 49408
@@ -42,6 +46,7 @@ class TextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     # Added last so positional construction keeps working: the id that pool="eos_id" looks for.
     eos_token_id: Optional[int] = None
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat); last for the same reason
 
     @nn.compact
     def __call__(
@@ -61,25 +66,16 @@ class TextTransformer(nn.Module):
         embed_ln = self.norm == "post" if self.embed_ln is None else self.embed_ln
         final_ln = self.norm == "pre" if self.final_ln is None else self.final_ln
         b, length = text_ids.shape
-        if length > self.max_len:
-            raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
         if text_mask is None:
             text_mask = jnp.ones((b, length), jnp.int32)
         deterministic = not train
 
-        tok = self.param("token_embedding", partitioned(layers.embed_init, ("vocab", "embed")),
-                         (self.vocab_size, self.width), self.param_dtype)
-        pos = self.param("pos_embedding", partitioned(layers.embed_init, ("length", "embed")),
-                         (self.max_len, self.width), self.param_dtype)
-        # Gather (not one-hot matmul): the table stays in param dtype, rows are cast after the lookup.
-        x = jnp.take(tok, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
-        if self.type_vocab_size:
-            typ = self.param("type_embedding", partitioned(layers.embed_init, (None, "embed")),
-                             (self.type_vocab_size, self.width), self.param_dtype)
-            type_ids = jnp.zeros_like(text_ids) if type_ids is None else type_ids
-            x = x + jnp.take(typ, type_ids, axis=0).astype(self.dtype)
-        if embed_ln:
-            x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_embed")(x)
+        # No mask passed: padded ids are embedded as given (attention masks them out of every real token).
+        embeddings = layers.TextEmbeddings(
+            vocab_size=self.vocab_size, max_len=self.max_len, width=self.width, type_vocab_size=self.type_vocab_size,
+            use_ln=embed_ln, ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="embeddings")
+        x, _ = embeddings(text_ids, type_ids)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = layers.constrain(x)
 
@@ -105,7 +101,5 @@ class TextTransformer(nn.Module):
             pos = jnp.argmax(hit.astype(jnp.int32), axis=-1)
             pooled = jnp.take_along_axis(tokens, pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         else:
-            m = text_mask.astype(jnp.float32)[..., None]
-            pooled = (jnp.sum(tokens.astype(jnp.float32) * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0))
-            pooled = pooled.astype(self.dtype)
+            pooled = layers.masked_mean(tokens, text_mask)
         return layers.constrain(pooled, ("batch", "embed")), tokens

@@ -10,18 +10,24 @@
 As in UNITER, text token types and the region modality share one type table: regions take row 1. The layout and
 defaults follow the UNITER-base release (BERT-base encoder, eps 1e-12, exact GELU, 2048-d Faster R-CNN features,
 1601 Visual Genome classes); the MRFR decoder is a free Dense here (UNITER ties it to the feature projection).
+
+Parameters:
+    text_embeddings/{word_embedding, pos_embedding, type_embedding, ln}   (layers.TextEmbeddings; type_embedding is
+                                                                          the shared type table, regions row 1)
+    region_feat_proj, ln_region_feat, region_pos_proj, ln_region_pos, ln_region      (region embeddings)
+    encoder/layer_{i}, ln_final (norm="pre"), pooler
+    heads: mlm_transform + mlm_bias (decoder tied to text_embeddings/word_embedding), itm_head,
+           mrfr_transform + mrfr_decoder, mrc_transform + mrc_decoder
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import heads, layers
 from mmjax.models.layers import Array, Dtype, partitioned
-from mmjax.models.vilt import HeadTransform, tied_mlm_logits
 
 REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
 
@@ -62,14 +68,11 @@ class UNITER(nn.Module):
     mrfr_head: bool = True
     mrc_head: bool = True
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     image_cls_first = False  # image_tokens are the regions only (no image [CLS] for word-region alignment to skip)
-
-    def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
-        """A parameter with logical axis names, in param_dtype."""
-        return self.param(name, partitioned(init, names), shape, self.param_dtype)
 
     def _ln(self, name: str) -> nn.LayerNorm:
         """The model's LayerNorm (eps ln_epsilon, ("embed",) params)."""
@@ -113,27 +116,15 @@ class UNITER(nn.Module):
             if got is not None and got != shape:
                 raise ValueError(f"batch key {key!r} must be {dims} = {list(shape)}; got shape {got}")
 
-    def _embed_text(self, text_ids: Array, type_ids: Optional[Array], type_table: Array) -> tuple[Array, Array]:
-        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
-        b, length = text_ids.shape
-        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
-        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
-        type_ids = jnp.zeros((b, length), jnp.int32) if type_ids is None else type_ids
-        # Gathers keep the tables in param dtype; only the looked-up rows are cast.
-        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
-             + jnp.take(type_table, type_ids, axis=0).astype(self.dtype))
-        return self._ln("ln_text")(x), word
-
-    def _embed_regions(self, feats: Array, boxes: Array, feature_mask: Optional[Array],
-                       type_table: Array) -> Array:
-        """Region embeddings LN(LN(Dense(feat)) + LN(Dense(geometry)) + type row 1) -> [B, R, D]."""
+    def _embed_regions(self, feats: Array, boxes: Array, feature_mask: Optional[Array], region_type: Array) -> Array:
+        """Region embeddings LN(LN(Dense(feat)) + LN(Dense(geometry)) + region_type) -> [B, R, D]."""
         if feature_mask is not None:
             # UNITER's masked region modelling zeroes the masked regions' features; their geometry stays.
             feats = jnp.where(feature_mask[..., None] > 0, jnp.zeros((), feats.dtype), feats)
         img = self._ln("ln_region_feat")(self._dense(self.width, (None, "embed"), "region_feat_proj")(feats))
         pos = self._ln("ln_region_pos")(self._dense(self.width, (None, "embed"), "region_pos_proj")(
             box_geometry(boxes)))
-        return self._ln("ln_region")(img + pos + type_table[1].astype(self.dtype))
+        return self._ln("ln_region")(img + pos + region_type)
 
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
@@ -148,11 +139,14 @@ class UNITER(nn.Module):
         region_mask = jnp.asarray(batch["region_mask"]).astype(jnp.int32)
         length = text_ids.shape[1]
 
-        type_table = self._param("type_embedding", layers.embed_init, (None, "embed"),
-                                 (self.type_vocab_size, self.width))
-        text, word_table = self._embed_text(text_ids, batch.get("text_type_ids"), type_table)
+        # BERT embeddings; the word table is also the tied MLM decoder's weight, and the regions share the type
+        # table (row 1), as UNITER's image embeddings take the text embeddings' token_type_embeddings.
+        text_embeddings = layers.TextEmbeddings(
+            vocab_size=self.vocab_size, max_len=self.max_len, width=self.width, type_vocab_size=self.type_vocab_size,
+            ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="text_embeddings")
+        text, word_table = text_embeddings(text_ids, batch.get("text_type_ids"))
         regions = self._embed_regions(batch["region_feats"], batch["region_boxes"],
-                                      batch.get("region_feature_mask"), type_table)
+                                      batch.get("region_feature_mask"), text_embeddings.type_rows(1))
         x = jnp.concatenate([text, regions], axis=1)
         # Sown so tests and analyses can see the encoder input (mutable=["intermediates"]; free otherwise).
         self.sow("intermediates", "embeddings", x)
@@ -165,27 +159,22 @@ class UNITER(nn.Module):
         x = layers.constrain(x)
         text_tokens, image_tokens = x[:, :length], x[:, length:]
 
-        pooled = jnp.tanh(self._dense(self.width, ("embed", "mlp"), "pooler")(x[:, 0]))
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pooled = heads.pooler(x[:, 0], **dt)  # tanh(Dense(text [CLS]))
         out = {
             "text_tokens": text_tokens,
             "image_tokens": image_tokens,
             "image_mask": region_mask,
             "pooled": layers.constrain(pooled, ("batch", "embed")),
         }
-        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.itm_head:
-            out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
+            out["itm_logits"] = heads.itm_logits(pooled, **dt)
         if self.mlm_head:
-            out["mlm_logits"] = tied_mlm_logits(self, text_tokens, word_table, activation=self.activation,
-                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
-                                                param_dtype=self.param_dtype)
+            out["mlm_logits"] = heads.tied_mlm_logits(self, text_tokens, word_table, **transform)
         if self.mrfr_head:
-            h = head(name="mrfr_transform")(image_tokens)
-            out["mrfr_pred"] = self._dense(self.region_feat_dim, ("embed", None),
-                                           "mrfr_decoder")(h).astype(jnp.float32)
+            out["mrfr_pred"] = heads.token_prediction(image_tokens, self.region_feat_dim, prefix="mrfr", **transform)
         if self.mrc_head:
-            h = head(name="mrc_transform")(image_tokens)
-            out["mrc_logits"] = self._dense(self.num_region_classes, ("embed", None),
-                                            "mrc_decoder")(h).astype(jnp.float32)
+            out["mrc_logits"] = heads.token_prediction(image_tokens, self.num_region_classes, prefix="mrc",
+                                                       **transform)
         return out

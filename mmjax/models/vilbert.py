@@ -23,6 +23,15 @@ map one-to-one:
   * the reference location order is (xmin, ymin, xmax, ymax, area); ours follows our boxes (ymin first);
   * the reference loader averages the [IMG] feature *before* masking regions for masked region modelling, which
     leaks the masked features through [IMG]; here the mean is taken after masking (masked regions count as zeros).
+
+Parameters:
+    text_embeddings/{word_embedding, pos_embedding, type_embedding, ln}   (layers.TextEmbeddings)
+    region_embedding, location_embedding, ln_image                        (region embeddings)
+    text_encoder/layer_{i}, image_encoder/layer_{i} (image_depth > 0)
+    co_{i}_text, co_{i}_image (layers.CrossAttentionLayer), self_{i}_text, self_{i}_image (layers.Block)
+    text_pooler, image_pooler
+    heads: itm_head, mlm_transform + mlm_bias (decoder tied to text_embeddings/word_embedding),
+           mrc_transform + mrc_decoder
 """
 from __future__ import annotations
 
@@ -30,13 +39,10 @@ import functools
 from typing import Mapping, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
-from mmjax.models.fusion import CrossAttentionLayer
-from mmjax.models.layers import Array, Block, Dtype, partitioned
-from mmjax.models.vilt import HeadTransform, tied_mlm_logits
+from mmjax.models import heads, layers
+from mmjax.models.layers import Array, Block, CrossAttentionLayer, Dtype, partitioned
 
 REQUIRED_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
 
@@ -75,12 +81,9 @@ class ViLBERT(nn.Module):
     itm_head: bool = True
     mrc_head: bool = True
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
-        """A parameter with logical axis `names`, in param_dtype."""
-        return self.param(name, partitioned(init, names), shape, self.param_dtype)
 
     def _dense(self, features: int, names: tuple, name: str) -> layers.Dense:
         """layers.Dense with kernel axes `names` and bias axes (names[1],)."""
@@ -130,21 +133,6 @@ class ViLBERT(nn.Module):
             x[key] = (x[key] > 0).astype(jnp.int32)
         return x
 
-    def _embed_text(self, text_ids: Array, type_ids: Array, text_mask: Array) -> tuple[Array, Array]:
-        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
-        length = text_ids.shape[1]
-        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
-        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
-        typ = self._param("text_type_embedding", layers.embed_init, (None, "embed"),
-                          (self.type_vocab_size, self.width))
-        # Padded slots look up row 0: an out-of-range id there would gather NaN, which attention's 0 weight on
-        # that key cannot cancel (0 * NaN = NaN).
-        real = text_mask > 0
-        text_ids, type_ids = jnp.where(real, text_ids, 0), jnp.where(real, type_ids, 0)
-        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
-             + jnp.take(typ, type_ids, axis=0).astype(self.dtype))
-        return self._ln("ln_text")(x), word
-
     def _embed_image(self, feats: Array, boxes: Array, region_mask: Array, feature_mask: Array
                      ) -> tuple[Array, Array]:
         """Region embeddings with the [IMG] token first -> (x [B, 1+R, D], mask [B, 1+R])."""
@@ -155,8 +143,7 @@ class ViLBERT(nn.Module):
         feats = jnp.where((real & (feature_mask == 0))[..., None], feats.astype(jnp.float32), 0.0)
         boxes = jnp.where(real[..., None], boxes.astype(jnp.float32), 0.0)
         # [IMG]: mean over the real regions (float32 sum), box = the whole image.
-        count = jnp.maximum(jnp.sum(region_mask, axis=1, keepdims=True).astype(jnp.float32), 1.0)
-        img_feat = jnp.sum(feats, axis=1) / count
+        img_feat = layers.masked_mean(feats, region_mask)
         img_box = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, 4))
         feats = jnp.concatenate([img_feat[:, None], feats], axis=1).astype(self.dtype)
         loc = location_features(jnp.concatenate([img_box[:, None], boxes], axis=1)).astype(self.dtype)
@@ -180,29 +167,31 @@ class ViLBERT(nn.Module):
         drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
         kw = self._layer_kwargs()
 
-        text, word_table = self._embed_text(x["text_ids"], x["text_type_ids"], x["text_mask"])
+        # BERT embeddings (padded ids zeroed: see layers.TextEmbeddings); the word table is also the tied MLM
+        # decoder's weight.
+        text, word_table = layers.TextEmbeddings(
+            vocab_size=self.vocab_size, max_len=self.max_len, width=self.width, type_vocab_size=self.type_vocab_size,
+            ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="text_embeddings")(x["text_ids"], x["text_type_ids"], x["text_mask"])
         image, image_mask = self._embed_image(x["region_feats"], x["region_boxes"], x["region_mask"],
                                               x["region_feature_mask"])
-        # Sown so tests and analyses can see each stream's input (mutable=["intermediates"]; free otherwise).
-        self.sow("intermediates", "text_embeddings", text)
-        self.sow("intermediates", "image_embeddings", image)
+        # Sown so tests and analyses can see each stream's input (mutable=["intermediates"]; free otherwise), as
+        # one "embeddings" entry like ViLT's and UNITER's ("text_embeddings" names the embedding submodule).
+        self.sow("intermediates", "embeddings", {"text": text, "image": image})
         text, image = layers.constrain(drop(text)), layers.constrain(drop(image))
         text_bias, image_bias = layers.padding_bias(x["text_mask"]), layers.padding_bias(image_mask)
 
         def encoder(depth: int, name: str) -> layers.Encoder:
             """A single-stream stack of post-LN Blocks."""
-            return layers.Encoder(depth=depth, remat=self.remat, **kw, name=name)
+            return layers.Encoder(depth=depth, remat=self.remat, remat_policy=self.remat_policy, **kw, name=name)
 
         text = encoder(self.text_depth, "text_encoder")(text, text_bias, deterministic)
         if self.image_depth > 0:
             image = encoder(self.image_depth, "image_encoder")(image, image_bias, deterministic)
 
-        cross_cls, block_cls = CrossAttentionLayer, Block
-        if self.remat:
-            # static_argnums count `self` as 0; `deterministic` is a Python bool that picks code paths.
-            policy = jax.checkpoint_policies.nothing_saveable
-            cross_cls = nn.remat(CrossAttentionLayer, policy=policy, static_argnums=(4,))
-            block_cls = nn.remat(Block, policy=policy, static_argnums=(3,))
+        # static_argnums count `self` as 0: `deterministic` (a Python bool that picks code paths) stays static.
+        cross_cls = layers.remat(CrossAttentionLayer, self.remat, self.remat_policy, static_argnums=(4,))
+        block_cls = layers.remat(Block, self.remat, self.remat_policy, static_argnums=(3,))
         for i in range(self.co_depth):
             # Both directions read this layer's inputs, not each other's outputs: the update is simultaneous.
             new_text = cross_cls(**kw, name=f"co_{i}_text")(text, image, image_bias, deterministic)
@@ -211,27 +200,21 @@ class ViLBERT(nn.Module):
             image = block_cls(**kw, name=f"self_{i}_image")(new_image, image_bias, deterministic)
         text, image = layers.constrain(text), layers.constrain(image)
 
-        pool_names = ("embed", "mlp")  # square kernel: "embed" cannot name both dims
-        text_pooled = nn.relu(self._dense(self.width, pool_names, "text_pooler")(text[:, 0]))
-        image_pooled = nn.relu(self._dense(self.width, pool_names, "image_pooler")(image[:, 0]))
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        text_pooled = heads.pooler(text[:, 0], name="text_pooler", activation=nn.relu, **dt)
+        image_pooled = heads.pooler(image[:, 0], name="image_pooler", activation=nn.relu, **dt)
         pooled = layers.constrain(text_pooled * image_pooled, ("batch", "embed"))
         regions = image[:, 1:]
         out = {"text_tokens": text, "image_tokens": regions, "image_mask": x["region_mask"], "pooled": pooled}
 
-        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.itm_head:
-            # Class dim unnamed: 2 classes never divide a mesh axis.
-            out["itm_logits"] = self._dense(2, ("embed", None), "itm_head")(pooled).astype(jnp.float32)
+            out["itm_logits"] = heads.itm_logits(pooled, **dt)
         if self.mlm_head:
-            out["mlm_logits"] = tied_mlm_logits(self, text, word_table, activation=self.activation,
-                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
-                                                param_dtype=self.param_dtype)
+            out["mlm_logits"] = heads.tied_mlm_logits(self, text, word_table, **transform)
         if self.mrc_head:
             # Masked region classification: predict the detector's class distribution of masked regions.
-            h = head(name="mrc_transform")(regions)
-            out["mrc_logits"] = self._dense(self.num_region_classes, ("embed", None), "mrc_decoder")(h).astype(
-                jnp.float32)
+            out["mrc_logits"] = heads.token_prediction(regions, self.num_region_classes, prefix="mrc", **transform)
         return out
 
 

@@ -8,102 +8,26 @@
 
 Layout and defaults follow Hugging Face `ViltModel` (pre-LN blocks with a final LayerNorm, eps 1e-12, exact GELU,
 cls/position/modality embeddings), so its weights map one-to-one; the defaults are the ViLT-B/32 shapes.
+
+Parameters:
+    text_embeddings/{word_embedding, pos_embedding, type_embedding, ln}   (layers.TextEmbeddings)
+    patch_kernel, patch_bias, cls, image_pos_embedding, mask_patch (mpp_head)   (image embeddings)
+    modality_embedding, encoder/layer_{i}, ln_final (norm="pre"), pooler
+    heads: mlm_transform + mlm_bias (decoder tied to text_embeddings/word_embedding), itm_head,
+           mpp_transform + mpp_decoder, vqa_head (heads.AnswerClassifier: dense, ln, out), rank_head
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Optional
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import heads, layers
 from mmjax.models.layers import Array, Dtype, partitioned
 
 REQUIRED_KEYS = ("image", "text_ids", "text_mask")
-
-
-def patchify(image: Array, patch_size: int) -> Array:
-    """image [B, H, W, C] -> patches [B, N, p*p*C] in raster order, pixels (row, col, channel) within a patch.
-
-    The same layout as the patch projection's input and as `mpp_pred`, so MPP targets are `patchify(image, p)`.
-    """
-    p = patch_size
-    return einops.rearrange(image, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-
-
-def interpolate_pos_embedding(table: Array, grid: tuple[int, int], new_grid: tuple[int, int],
-                              method: str = "bicubic") -> Array:
-    """Position table [1 + gh*gw, D] (cls row first) -> [1 + nh*nw, D] for a new patch grid.
-
-    The cls row is kept; the patch rows are resized as a 2-D grid [gh, gw, D] (jax.image.resize, half-pixel
-    centres, in float32). The same grid returns the table unchanged, so the training resolution is exact.
-    """
-    if tuple(grid) == tuple(new_grid):
-        return table
-    gh, gw = grid
-    if table.shape[0] != 1 + gh * gw:
-        raise ValueError(f"position table has {table.shape[0]} rows; grid {gh}x{gw} (+cls) needs {1 + gh * gw}")
-    cls, patches = table[:1], table[1:].reshape(gh, gw, table.shape[-1]).astype(jnp.float32)
-    patches = jax.image.resize(patches, (*new_grid, table.shape[-1]), method=method)
-    return jnp.concatenate([cls, patches.reshape(-1, table.shape[-1]).astype(table.dtype)], axis=0)
-
-
-class HeadTransform(nn.Module):
-    """BERT prediction-head transform: Dense(width) -> activation -> LayerNorm (MLM and MPP heads)."""
-
-    activation: str = "gelu"
-    ln_epsilon: float = 1e-12
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., D] -> [..., D]."""
-        # A square kernel cannot name "embed" twice (flax rejects repeated logical names); the hidden side takes
-        # "mlp", which shards it over `tensor` like the first MLP matmul.
-        x = layers.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
-                         bias_init=partitioned(layers.zeros_init, ("mlp",)), name="dense")(x)
-        x = layers.get_activation(self.activation)(x)
-        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln")(x)
-
-
-class VQAHead(nn.Module):
-    """ViLT's VQA classifier (= HF ViltForQuestionAnswering): Dense(2D) -> LayerNorm -> GELU -> Dense(num_labels)."""
-
-    num_labels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., D] -> logits [..., num_labels]."""
-        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(2 * x.shape[-1], kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
-                  bias_init=partitioned(layers.zeros_init, ("mlp",)), name="dense")(x)
-        # torch.nn.LayerNorm's default eps: HF and the original ViLT build this LayerNorm without one, so it does not
-        # follow the model's ln_epsilon. The 2D-wide hidden side is "mlp" like the kernel's output dim.
-        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                         scale_init=partitioned(layers.ones_init, ("mlp",)),
-                         bias_init=partitioned(layers.zeros_init, ("mlp",)), name="ln")(x)
-        x = layers.gelu_exact(x)  # torch nn.GELU(): exact, whatever the model's activation
-        return dense(self.num_labels, kernel_init=partitioned(layers.dense_init, ("mlp", None)),
-                     bias_init=partitioned(layers.zeros_init, (None,)), name="out")(x)
-
-
-def tied_mlm_logits(owner: nn.Module, tokens: Array, word_table: Array, *, activation: str, ln_epsilon: float,
-                    dtype: Dtype, param_dtype: Dtype) -> Array:
-    """BERT's MLM head inside `owner`'s compact scope: HeadTransform `mlm_transform`, then a decoder tied to
-    `word_table` [V, D] plus a new bias `mlm_bias` [V]; float32 logits [..., V]. Shared by ViLT, UNITER,
-    ViLBERT and FusionModel, whose parameter names (and so the HF mappings) stay the same."""
-    h = HeadTransform(activation=activation, ln_epsilon=ln_epsilon, dtype=dtype, param_dtype=param_dtype,
-                      name="mlm_transform")(tokens)
-    bias = owner.param("mlm_bias", partitioned(layers.zeros_init, ("vocab",)), (word_table.shape[0],), param_dtype)
-    logits = layers.matmul_last(h, word_table.astype(dtype).T) + bias.astype(dtype)
-    return logits.astype(jnp.float32)
 
 
 class ViLT(nn.Module):
@@ -142,45 +66,29 @@ class ViLT(nn.Module):
     vqa_labels: Optional[int] = None  # VQA classifier with this many answers (ViltForQuestionAnswering)
     rank_head: bool = False  # image-text retrieval score Dense(1) (ViltForImageAndTextRetrieval)
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     image_cls_first = True  # image_tokens[:, 0] is the image [CLS] (word-patch alignment leaves it out)
 
     def _param(self, name: str, init, names: tuple, shape: tuple) -> Array:
+        """A parameter with logical axis `names`, in param_dtype."""
         return self.param(name, partitioned(init, names), shape, self.param_dtype)
-
-    def _embed_text(self, text_ids: Array, type_ids: Optional[Array]) -> tuple[Array, Array]:
-        """BERT embeddings -> ([B, L, D], the word table for the tied MLM decoder)."""
-        b, length = text_ids.shape
-        if length > self.max_len:
-            raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
-        word = self._param("word_embedding", layers.embed_init, ("vocab", "embed"), (self.vocab_size, self.width))
-        pos = self._param("text_pos_embedding", layers.embed_init, ("length", "embed"), (self.max_len, self.width))
-        typ = self._param("text_type_embedding", layers.embed_init, (None, "embed"),
-                          (self.type_vocab_size, self.width))
-        type_ids = jnp.zeros((b, length), jnp.int32) if type_ids is None else type_ids
-        # Gathers keep the tables in param dtype; only the looked-up rows are cast.
-        x = (jnp.take(word, text_ids, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)[None]
-             + jnp.take(typ, type_ids, axis=0).astype(self.dtype))
-        return layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_text")(x), word
 
     def _embed_image(self, image: Array, image_mask: Optional[Array], patch_mask: Optional[Array],
                      train: bool) -> tuple[Array, Array, Array]:
         """Patch embeddings -> (x [B, 1+N', D], mask [B, 1+N'], patch_index [B, N'] into the full grid)."""
         if image.ndim != 4:
             raise ValueError(f"ViLT expects images [B, H, W, C]; got shape {image.shape}")
-        b, h, w, c = image.shape
+        b, h, w, _ = image.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
         grid, n = (h // p, w // p), (h // p) * (w // p)
 
-        # Patch projection as rearrange + one matmul (= conv with kernel = stride = p); kernel in HWIO layout.
-        kernel = self._param("patch_kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-                             (None, None, None, "embed"), (p, p, c, self.width))
-        x = layers.matmul_last(patchify(image.astype(self.dtype), p), kernel.reshape(-1, self.width).astype(self.dtype))
-        x = x + self._param("patch_bias", layers.zeros_init, ("embed",), (self.width,)).astype(self.dtype)
+        # Parameters patch_kernel (HWIO, as HF's patch conv) and patch_bias.
+        x = layers.patch_embedding(self, image, p, self.width, dtype=self.dtype, param_dtype=self.param_dtype)
 
         # Created whenever the MPP head is on, so `init` without a patch_mask still makes it.
         mask_patch = self._param("mask_patch", layers.embed_init, ("embed",), (self.width,)) if self.mpp_head else None
@@ -197,7 +105,7 @@ class ViLT(nn.Module):
         base_grid = (self.image_size // p,) * 2
         table = self._param("image_pos_embedding", layers.embed_init, ("length", "embed"),
                             (1 + base_grid[0] * base_grid[1], self.width))
-        table = interpolate_pos_embedding(table, base_grid, grid, self.pos_interpolation)
+        table = layers.interpolate_pos_embedding(table, base_grid, grid, self.pos_interpolation)
         x = x + table[1:].astype(self.dtype)[None]
 
         if image_mask is None:
@@ -258,7 +166,11 @@ class ViLT(nn.Module):
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
         length = text_ids.shape[1]
 
-        text, word_table = self._embed_text(text_ids, batch.get("text_type_ids"))
+        # BERT embeddings; the word table is also the tied MLM decoder's weight.
+        text, word_table = layers.TextEmbeddings(
+            vocab_size=self.vocab_size, max_len=self.max_len, width=self.width, type_vocab_size=self.type_vocab_size,
+            ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="text_embeddings")(text_ids, batch.get("text_type_ids"))
         image, image_mask, patch_index = self._embed_image(batch["image"], batch.get("image_mask"),
                                                            batch.get("patch_mask"), train)
         modality = self._param("modality_embedding", layers.embed_init, (None, "embed"),
@@ -275,9 +187,8 @@ class ViLT(nn.Module):
         x = layers.constrain(x)
         text_tokens, image_tokens = x[:, :length], x[:, length:]
 
-        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        pooled = jnp.tanh(dense(self.width, kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
-                                bias_init=partitioned(layers.zeros_init, ("mlp",)), name="pooler")(x[:, 0]))
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pooled = heads.pooler(x[:, 0], **dt)  # tanh(Dense(text [CLS]))
         out = {
             "text_tokens": text_tokens,
             "image_tokens": image_tokens,
@@ -288,32 +199,23 @@ class ViLT(nn.Module):
             "last_hidden_state": x,
         }
         out["pooler_output"] = out["pooled"]  # and for the pooled output
-        head = functools.partial(HeadTransform, activation=self.activation, ln_epsilon=self.ln_epsilon,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.mlm_head:
-            out["mlm_logits"] = tied_mlm_logits(self, text_tokens, word_table, activation=self.activation,
-                                                ln_epsilon=self.ln_epsilon, dtype=self.dtype,
-                                                param_dtype=self.param_dtype)
+            out["mlm_logits"] = heads.tied_mlm_logits(self, text_tokens, word_table, **transform)
         if self.itm_head:
-            out["itm_logits"] = dense(2, kernel_init=partitioned(layers.dense_init, ("embed", None)),
-                                      bias_init=partitioned(layers.zeros_init, (None,)),
-                                      name="itm_head")(pooled).astype(jnp.float32)
+            out["itm_logits"] = heads.itm_logits(pooled, **dt)
         if self.mpp_head:
-            # Regresses the raw p*p*C pixels of every kept patch (targets: patchify(image, p), gathered with
+            # Regresses the raw p*p*C pixels of every kept patch (targets: layers.patchify(image, p), gathered with
             # patch_index; normalise them in the loss if wanted). ViLT's own MPP head instead classifies each
             # patch's mean RGB into 256 bins per channel; a pixel regression is the MAE/BEiT-era default.
             p, c = self.patch_size, batch["image"].shape[-1]
-            h = head(name="mpp_transform")(image_tokens[:, 1:])
-            out["mpp_pred"] = dense(p * p * c, kernel_init=partitioned(layers.dense_init, ("embed", None)),
-                                    bias_init=partitioned(layers.zeros_init, (None,)),
-                                    name="mpp_decoder")(h).astype(jnp.float32)
+            out["mpp_pred"] = heads.token_prediction(image_tokens[:, 1:], p * p * c, prefix="mpp", **transform)
         if self.vqa_labels is not None:
-            out["vqa_logits"] = VQAHead(self.vqa_labels, dtype=self.dtype, param_dtype=self.param_dtype,
-                                        name="vqa_head")(pooled).astype(jnp.float32)
+            # Named vqa_head: HF ViltForQuestionAnswering's classifier maps onto it (mmjax.convert.hf_vilt).
+            out["vqa_logits"] = heads.AnswerClassifier(self.vqa_labels, **dt, name="vqa_head")(pooled).astype(
+                jnp.float32)
         if self.rank_head:
-            out["rank_logits"] = dense(1, kernel_init=partitioned(layers.dense_init, ("embed", None)),
-                                       bias_init=partitioned(layers.zeros_init, (None,)),
-                                       name="rank_head")(pooled).astype(jnp.float32)
+            out["rank_logits"] = heads.linear_logits(pooled, 1, name="rank_head", **dt)
         hf_heads = [k for k in ("mlm_logits", "vqa_logits", "rank_logits") if k in out]
         if len(hf_heads) == 1 and not self.itm_head and not self.mpp_head:
             # Exactly one Hugging Face head (a converted ViltFor... checkpoint): HF calls its output `logits`.

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import einops
 import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import heads, layers
 from mmjax.models.layers import Array, Dtype, partitioned
 
 
@@ -43,6 +42,9 @@ class ViT(nn.Module):
 
     Returns `(pooled [B, D], tokens [B, N, D])`; tokens are all encoder outputs after the final LN (including the
     cls token first when `cls_token`), so fusion models can consume them directly.
+
+    Parameters: patch_kernel [p, p, C, D], patch_bias [D] (patch_bias=True), cls [D] (with a cls token),
+    pos_embedding [N, D], ln_pre (ln_pre=True), encoder/layer_{i}, ln_post, map_head (pool="map").
     """
 
     patch_size: int = 16
@@ -61,6 +63,7 @@ class ViT(nn.Module):
     attention_dropout_rate: float = 0.0
     ln_epsilon: float = 1e-6
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -74,7 +77,7 @@ class ViT(nn.Module):
             raise ValueError("pool='cls' needs cls_token=True")
         if image.ndim != 4:
             raise ValueError(f"ViT expects images [B, H, W, C]; got shape {image.shape}")
-        _, h, w, c = image.shape
+        _, h, w, _ = image.shape
         p = self.patch_size
         if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"ViT built for {self.image_size}x{self.image_size} images; got {h}x{w}")
@@ -83,18 +86,9 @@ class ViT(nn.Module):
         mlp_dim = self.mlp_dim or 4 * self.width
         deterministic = not train
 
-        # Patch embedding as rearrange + one matmul (same maths as a conv with kernel = stride = p, and a plain
-        # dot_general is what XLA CPU runs fastest). The kernel keeps the conv's HWIO layout for weight import.
-        kernel = self.param(
-            "patch_kernel", partitioned(nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-                                        (None, None, None, "embed")),
-            (p, p, c, self.width), self.param_dtype,
-        )
-        patches = einops.rearrange(image.astype(self.dtype), "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-        x = layers.matmul_last(patches, kernel.reshape(-1, self.width).astype(self.dtype))
-        if self.patch_bias:
-            x = x + self.param("patch_bias", partitioned(layers.zeros_init, ("embed",)), (self.width,),
-                               self.param_dtype).astype(self.dtype)
+        # Parameters patch_kernel (HWIO, as the checkpoints' patch convs) and patch_bias.
+        x = layers.patch_embedding(self, image, p, self.width, use_bias=self.patch_bias, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
 
         if use_cls:
             cls = self.param("cls", partitioned(layers.embed_init, ("embed",)), (self.width,), self.param_dtype)
@@ -141,7 +135,8 @@ class ViTModel(nn.Module):
     """ViT with Hugging Face ViTModel's outputs: `image_encoder` (ViT) -> {"last_hidden_state", "pooler_output"}.
 
     last_hidden_state is every token after the final LayerNorm (cls first); pooler_output is HF's
-    tanh(Dense(cls token)). `dtype`, `param_dtype` and `remat` override the same keys in `image`.
+    tanh(Dense(cls token)). `dtype`, `param_dtype`, `remat` and `remat_policy` override the same keys in
+    `image`.
     `mmjax.convert.hf_vit` maps HF weights onto it.
     """
 
@@ -151,6 +146,7 @@ class ViTModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
 
     def __post_init__(self) -> None:
         # Frozen so the Module stays hashable (jit static args, flax's module caching).
@@ -160,14 +156,11 @@ class ViTModel(nn.Module):
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
         """batch["image"]: float [B, H, W, C] (channels last; HF's pixel_values transposed)."""
-        kwargs = {**HF_VIT_DEFAULTS, **dict(self.image),
-                  "dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat}
+        kwargs = {**HF_VIT_DEFAULTS, **dict(self.image), "dtype": self.dtype, "param_dtype": self.param_dtype,
+                  "remat": self.remat, "remat_policy": self.remat_policy}
         _, tokens = ViT(**kwargs, name="image_encoder")(batch["image"], train=train)
         out = {"last_hidden_state": tokens}
         if self.pooler:
-            # As ViLT's pooler: a width x width kernel cannot name "embed" twice, so the output side is "mlp".
-            dense = layers.Dense(self.pooler_dim or tokens.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=partitioned(layers.dense_init, ("embed", "mlp")),
-                                 bias_init=partitioned(layers.zeros_init, ("mlp",)), name="pooler")
-            out["pooler_output"] = jnp.tanh(dense(tokens[:, 0]))
+            out["pooler_output"] = heads.pooler(tokens[:, 0], features=self.pooler_dim, dtype=self.dtype,
+                                                param_dtype=self.param_dtype)
         return out

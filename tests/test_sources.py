@@ -1,5 +1,6 @@
-"""Streaming input over real TFDS sources: catalogue names, prepared directories, mixtures, per-process shards,
-eval padding, exact resume, precomputed regions and clear errors. All data is written by the tests (offline)."""
+"""Data sources read through the pipeline: catalogue names, prepared directories, both shard formats, mixtures,
+per-process shards, eval padding, exact resume, precomputed regions and clear errors. All data is written by the
+tests (offline)."""
 
 import io
 import os
@@ -10,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import pipeline, streaming
+from mmjax.data import pipeline, sources
 from mmjax.data.tokenizer import train_wordpiece
 
 NUM_TRAIN, NUM_TEST = 37, 11
@@ -102,7 +103,7 @@ def _config(captions_dir, **source):
     c = pipeline.default_data_config()
     c.image_size, c.max_len = 8, 8
     c.tokenizer = os.path.join(captions_dir, "tok", "tokenizer.json")
-    c.sources.cap = streaming.source_config(name="mmjax_test_captions", data_dir=captions_dir, eval_split="test",
+    c.sources.cap = sources.source_config(name="mmjax_test_captions", data_dir=captions_dir, eval_split="test",
                                             shuffle_buffer=8, **source)
     return c
 
@@ -112,8 +113,8 @@ def _ids(batches) -> list[int]:
 
 
 def test_catalogue_source_files_are_sharded(captions_dir):
-    builder = streaming.open_source("cap", _config(captions_dir).sources.cap)
-    files, _, takes = streaming.read_plan(builder, "train", 0, 1)
+    builder = sources.open_source("cap", _config(captions_dir).sources.cap)
+    files, _, takes = sources.read_plan(builder, "train", 0, 1)
     assert len(files) == 4 and sum(takes) == NUM_TRAIN
 
 
@@ -215,7 +216,7 @@ def test_epochs_are_reshuffled(any_dir):
 def test_mixture_weights_counts_and_resume(captions_dir, embedded_data_dir):
     c = _config(captions_dir)
     c.image_size = 16
-    c.sources.evq = streaming.source_config(name="easy_vqa_captions", data_dir=embedded_data_dir,
+    c.sources.evq = sources.source_config(name="easy_vqa_captions", data_dir=embedded_data_dir,
                                             eval_split="test", shuffle_buffer=64, weight=3.0)
     c.tokenizer = None
     c.tokenizer = os.path.join(captions_dir, "tok", "tokenizer.json")
@@ -227,7 +228,7 @@ def test_mixture_weights_counts_and_resume(captions_dir, embedded_data_dir):
     assert abs(share - 0.75) < 0.05, share  # 400 draws: 3 sigma of a 0.75 share is 0.065
     # The counts used to resume agree with what the stream delivered.
     for position in (0, 17, 160, 400):
-        counts = streaming.mixture_counts([1.0, 3.0], position, seed=0, process_index=0)
+        counts = pipeline.mixture_counts([1.0, 3.0], position, seed=0, process_index=0)
         np.testing.assert_array_equal(counts, np.bincount(source[:position], minlength=2))
     resumed = [b for _, b in zip(range(5), pipeline.train_iterator(c, tok, start_step=20, **kw))]
     for a, b in zip(batches[20:], resumed):
@@ -239,15 +240,15 @@ def test_mixture_weights_counts_and_resume(captions_dir, embedded_data_dir):
 
 
 def test_mixture_counts_beyond_one_block():
-    n = 3 * streaming.BLOCK + 5
-    counts = streaming.mixture_counts([1.0, 1.0, 2.0], n, seed=5, process_index=1)
+    n = 3 * pipeline.BLOCK + 5
+    counts = pipeline.mixture_counts([1.0, 1.0, 2.0], n, seed=5, process_index=1)
     assert counts.sum() == n
     np.testing.assert_allclose(counts / n, [0.25, 0.25, 0.5], atol=0.02)
 
 
 def test_precomputed_regions_are_padded_and_masked(captions_dir):
     c = _config(captions_dir)
-    c.regions.update(enabled=True, max_regions=3, feature_dim=REGION_DIM, num_classes=REGION_CLASSES)
+    c.regions.update(enabled=True, max_regions=3)
     tok = pipeline.load_tokenizer(c)
     batch = next(pipeline.eval_batches(c, tok, global_batch_size=NUM_TEST + 1, process_index=0, process_count=1))
     for i, image_id in enumerate(batch["image_id"][:NUM_TEST]):
@@ -257,11 +258,10 @@ def test_precomputed_regions_are_padded_and_masked(captions_dir):
                                       + np.zeros((r, REGION_DIM)))
         assert np.all(batch["region_feats"][i, r:] == 0)
         np.testing.assert_array_equal(batch["region_targets"][i, :r, image_id % 3], 1.0)
-    shapes = pipeline.batch_shapes(c, 2)
-    assert shapes["region_feats"].shape == (2, 3, REGION_DIM) and pipeline.num_region_classes(c) == REGION_CLASSES
-    c.regions.feature_dim = 7
-    with pytest.raises(ValueError, match="feature_dim=5"):
-        next(pipeline.eval_batches(c, tok, global_batch_size=4, process_index=0, process_count=1))
+    meta = pipeline.dataset_meta(c, tok)
+    assert (meta.num_regions, meta.region_feature_dim, meta.region_classes) == (3, REGION_DIM, REGION_CLASSES)
+    shapes = pipeline.batch_shapes(c, meta, 2)
+    assert shapes["region_feats"].shape == (2, 3, REGION_DIM)
 
 
 def test_errors_name_the_problem(captions_dir, tmp_path):
@@ -295,8 +295,13 @@ def test_errors_name_the_problem(captions_dir, tmp_path):
         first(bad)
     with pytest.raises(ValueError, match="too few for 64 processes"):
         next(pipeline.eval_batches(c, tok, global_batch_size=64, process_index=63, process_count=64))
-    with pytest.raises(ValueError, match="embedded dataset"):
-        first(c, hard_negatives=True)
+    bad = _config(captions_dir, label_key="image_id")
+    with pytest.raises(ValueError, match="label_key: 'image_id' is not a ClassLabel feature"):
+        first(bad)
+    bad = _config(captions_dir, regions_from_boxes=dict(box_key="captions"))
+    bad.regions.enabled = True
+    with pytest.raises(ValueError, match="box_key='captions' is not a BBoxFeature"):
+        first(bad)
 
 
 def test_prepared_directory_source_and_its_tokenizer(captions_dir):
@@ -308,7 +313,7 @@ def test_prepared_directory_source_and_its_tokenizer(captions_dir):
     tok = pipeline.load_tokenizer(c)  # data.tokenizer is set here
     batches = list(pipeline.eval_batches(c, tok, global_batch_size=4, process_index=0, process_count=1))
     assert sorted(_ids(batches))[-NUM_TEST:] == list(range(1000, 1000 + NUM_TEST))
-    assert streaming.source_tokenizer_path(c) is None  # this directory carries no tokenizer.json
+    assert sources.source_tokenizer_path("cap", c.sources.cap) is None  # this directory carries no tokenizer.json
     c.tokenizer = None
     with pytest.raises(ValueError, match="no tokenizer"):
         pipeline.load_tokenizer(c)
@@ -337,7 +342,7 @@ def test_catalogue_coco_captions_layout(tmp_path, monkeypatch):
 
     c = pipeline.default_data_config()
     c.image_size, c.max_len = 8, 8
-    c.sources.coco = streaming.source_config(name="coco_captions/2014", data_dir=str(tmp_path), eval_split="val",
+    c.sources.coco = sources.source_config(name="coco_captions/2014", data_dir=str(tmp_path), eval_split="val",
                                              text_key="captions/text", id_key="image/id",
                                              text=dict(clean=True, lowercase=True))
     tok_dir = tmp_path / "tok"
