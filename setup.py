@@ -26,6 +26,8 @@ setup(
         "safetensors>=0.4",
         # TFDS catalogue builders (coco_captions, ...) import it to find their checksums when they prepare.
         "importlib_resources>=5",
+        # The evaluation report's plots (python -m mmjax.evaluate).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8"],

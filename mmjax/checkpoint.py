@@ -78,6 +78,18 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def save_run_files(workdir: str, *, tokenizer: Any = None, answer_vocab: Any = None) -> None:
+    """Writes what the run's weights mean beside them: its tokenizer (tokenizer.json: token ids) and, for VQA data,
+    its answer vocabulary (answer_vocab.json: answer ids), so fine-tuning from the run can check both."""
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    if answer_vocab is not None:
+        tmp = os.path.join(workdir, "answer_vocab.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(list(answer_vocab), f)
+        os.replace(tmp, os.path.join(workdir, "answer_vocab.json"))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """Reads the config saved by `save_config` (for evaluation or inspection of a run)."""
     with open(os.path.join(workdir, "config.json")) as f:

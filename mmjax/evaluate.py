@@ -2,10 +2,13 @@
 `init_from` (e.g. a directory written by `python -m mmjax.convert --hf=... --out=DIR`, or an HF directory).
 
     python -m mmjax.evaluate --workdir=/tmp/clip                       # the run's config.json + latest checkpoint
+    python -m mmjax.evaluate --workdir=/tmp/vqa --step=1000            # another checkpoint of the run
     python -m mmjax.evaluate --config=configs/lit.py                   # fresh init + config.init_from weights
     python -m mmjax.evaluate --workdir=/tmp/vilt --evals=itm           # only some of the config's evaluators
 
-Prints one JSON object of metrics (and writes it to WORKDIR/eval.json when a workdir is given).
+Prints a table of the metrics and, last, one JSON line of them. With a workdir it also writes eval.json and
+eval_report.md there: the table, the run's training curves (eval_curves.png) and sample predictions of the
+evaluators that keep some (eval_samples_NAME.png).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from ml_collections import config_flags
 
 from mmjax import checkpoint, cli_logging, optim, sharding
 from mmjax import state as state_lib
-from mmjax.data import pipeline
+from mmjax.data import pipeline, preprocess
+from mmjax.evaluation import report
 from mmjax.evaluation.evaluators import build_evaluators, run_evaluators
 from mmjax.models import build_model
 
@@ -30,10 +34,13 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file (default: WORKDIR/config.json).")
     flags.DEFINE_string("workdir", None, "A training run: its config.json and latest checkpoint.")
     flags.DEFINE_list("evals", None, "Names of config.evals to run (default: all of them).")
+    flags.DEFINE_integer("step", None, "The checkpoint step to evaluate (default: the latest).")
 
 
-def evaluate(config: Any, workdir: str | None = None, only: list[str] | None = None) -> dict[str, float]:
-    """Builds the model as the trainer does, loads weights (checkpoint, else init_from) and runs the evaluators."""
+def evaluate(config: Any, workdir: str | None = None, only: list[str] | None = None,
+             step: int | None = None) -> tuple[dict[str, float], dict[str, list], int | None]:
+    """Builds the model as the trainer does, loads weights (the run's checkpoint at `step` or its latest, else
+    init_from) and runs the evaluators; returns (metrics, samples by evaluator, the step evaluated)."""
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding.rules)
     tokenizer = pipeline.load_tokenizer(config.data)
@@ -48,14 +55,24 @@ def evaluate(config: Any, workdir: str | None = None, only: list[str] | None = N
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint) if workdir else None
     if (ckpt is None or ckpt.latest_step() is None) and not (config.get("init_from") and config.init_from.path):
         raise ValueError("nothing to evaluate: no checkpoint in --workdir and no config.init_from.path")
-    state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"))
-    logging.info("evaluating: %s", how)
-    evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh, only=only)
+    if ckpt is not None and ckpt.latest_step() is not None:
+        steps = ckpt.manager.all_steps()
+        if step is not None and step not in steps:
+            raise ValueError(f"--step={step}: {workdir} has checkpoints at steps {sorted(steps)}")
+        state = ckpt.restore(checkpoint.abstract_with_shardings(state, shardings), step)
+        logging.info("evaluating %s at step %d", workdir, int(state["step"]))
+    else:
+        state, how = state_lib.restore_or_init(state, shardings, None, config.get("init_from"), meta.answer_vocab,
+                                               tokenizer)
+        logging.info("evaluating: %s", how)
+    evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh, only=only,
+                                  out_dir=workdir)
+    evaluated = int(state["step"]) if ckpt is not None and ckpt.latest_step() is not None else None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        metrics = run_evaluators(evaluators, state["params"])
+        metrics = run_evaluators(evaluators, state["params"], evaluated)
     if ckpt is not None:
         ckpt.close()
-    return metrics
+    return metrics, {name: ev.samples for name, ev in evaluators.items()}, evaluated
 
 
 def main(argv: list[str]) -> None:
@@ -69,14 +86,19 @@ def main(argv: list[str]) -> None:
             if not workdir:
                 raise ValueError("give --workdir (a training run) or --config")
             config = checkpoint.load_config(workdir)
-        metrics = evaluate(config, workdir, flags.FLAGS.evals)
+        metrics, samples, step = evaluate(config, workdir, flags.FLAGS.evals, flags.FLAGS.step)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(metrics, sort_keys=True))
+    print(report.metrics_table(metrics))
     if workdir:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
+        mean, std = preprocess.mean_std(config.data.get("normalization") or (tuple(config.data.mean),
+                                                                            tuple(config.data.std)))
+        path = report.write(workdir, metrics, workdir=workdir, step=step, samples=samples, mean=mean, std=std)
+        print(f"report: {path}")
+    print(json.dumps(metrics, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -27,19 +27,22 @@ DATA_FIELDS = {
     "num_region_classes": "the regions' classes",
     "image_size": "data.image_size",
     "max_len": "data.max_len",
+    "vqa_labels": "the answer vocabulary",
 }
 
 
 def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[str]:
     """Fills the model config's data-given fields (vocab_size, region_feat_dim, num_region_classes, image_size,
-    max_len) wherever they are None, in the model section and its tower dicts; returns one line per field set.
+    max_len, vqa_labels) wherever they are None, in the model section and its tower dicts; returns one line per
+    field set.
 
     This is the one place where the data sizes the model. A vocab_size set in the config must hold the tokenizer's
-    vocabulary; a region width or class count set in the config must equal the data's.
+    vocabulary; a region width, class count or answer count set in the config must equal the data's.
     """
     values = {"vocab_size": meta.vocab_size, "region_feat_dim": meta.region_feature_dim,
               "num_region_classes": meta.region_classes, "image_size": config.data.image_size,
-              "max_len": config.data.max_len}
+              "max_len": config.data.max_len,
+              "vqa_labels": len(meta.answer_vocab) if meta.answer_vocab else None}
     done = []
 
     def visit(section: ml_collections.ConfigDict, path: str) -> None:
@@ -55,7 +58,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[s
                 done.append(f"{path}.{key} = {values[key]} ({DATA_FIELDS[key]})")
             elif key == "vocab_size" and value < values[key]:
                 raise ValueError(f"{path}.vocab_size={value} is smaller than the tokenizer's {values[key]} tokens")
-            elif key in ("region_feat_dim", "num_region_classes") and value != values[key]:
+            elif key in ("region_feat_dim", "num_region_classes", "vqa_labels") and value != values[key]:
                 raise ValueError(f"{path}.{key}={value} but the data gives {values[key]} ({DATA_FIELDS[key]})")
 
     visit(config.model, "model")
@@ -110,16 +113,58 @@ def abstract_train_state(params_shape: Any, tx: optax.GradientTransformation) ->
 
 
 def restore_or_init(state: dict, shardings: dict, ckpt: checkpoint.Checkpointer | None,
-                    init_from: ml_collections.ConfigDict | None) -> tuple[dict, str]:
-    """The run's latest checkpoint if there is one, else `state` with init_from's weights grafted in (a fresh start
-    from pretrained weights), else `state` as initialised; returns (state, what was done in words)."""
+                    init_from: ml_collections.ConfigDict | None, answer_vocab: tuple[str, ...] | None = None,
+                    tokenizer: Any = None) -> tuple[dict, str]:
+    """The run's latest checkpoint if there is one, else `state` with init_from's weights loaded where path and shape
+    match (a fresh start from pretrained weights; a table of what was loaded is logged), else `state` as
+    initialised; returns (state, what was done in words). `answer_vocab` and `tokenizer` are the data's: a
+    checkpoint whose VQA head answered other answers, or whose word embeddings belong to another tokenizer, is
+    refused."""
     if ckpt is not None and ckpt.latest_step() is not None:
         state = ckpt.restore(checkpoint.abstract_with_shardings(state, shardings))
         return state, f"restored step {int(state['step'])} from {ckpt.directory}"
-    if init_from is not None and init_from.get("path"):
-        weights, _ = pretrained.load_params(init_from.path)
-        params = pretrained.graft(state["params"], weights, init_from.source, init_from.target)
-        state = dict(state, params=jax.device_put(params, shardings["params"]))
-        return state, (f"initialised {init_from.target or 'the model'} from {init_from.path} "
-                       f"({init_from.source or 'all of it'})")
-    return state, "initialised from scratch"
+    if init_from is None or not init_from.get("path"):
+        return state, "initialised from scratch"
+    source = pretrained.load_checkpoint(init_from.path, init_from.get("step"))
+    check_answer_vocab(source, answer_vocab, state["params"])
+    check_tokenizer(source, tokenizer)
+    # Loaded leaves become numpy arrays; new ones stay the (sharded) fresh arrays: device_put moves only the former.
+    params, report = pretrained.graft(state["params"], source.params, init_from.source, init_from.target,
+                                      strict=bool(init_from.get("strict")))
+    what = f"{source.kind}" + (f" step {source.step}" if source.step is not None else "")
+    logging.info("init_from %s (%s): %s", init_from.path, what, report.table())
+    state = dict(state, params=jax.device_put(params, shardings["params"]))
+    return state, f"initialised {init_from.target or 'the model'} from {init_from.path} ({what}): {report.summary()}"
+
+
+def check_answer_vocab(source: pretrained.Checkpoint, answer_vocab: tuple[str, ...] | None, params: Any) -> None:
+    """A VQA head may only be loaded for the answers it was trained on: a checkpoint whose head answered another
+    vocabulary than the data's is an error naming the first difference."""
+    if source.answer_vocab is None or answer_vocab is None or "vqa_head" not in params:
+        return
+    if not any("vqa_head" in path for path in pretrained.flatten(source.params)):
+        return
+    theirs, ours = list(source.answer_vocab), list(answer_vocab)
+    if theirs == ours:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    raise ValueError(f"init_from: the checkpoint's VQA head answers {len(theirs)} answers, the data's vocabulary "
+                     f"has {len(ours)}; they differ first at index {first} "
+                     f"({theirs[first] if first < len(theirs) else '-'!r} vs "
+                     f"{ours[first] if first < len(ours) else '-'!r}). Fine-tune from the pretraining run, or use "
+                     f"the same answer vocabulary")
+
+
+def check_tokenizer(source: pretrained.Checkpoint, tokenizer: Any) -> None:
+    """Token ids mean the same in the checkpoint and the data: a run trained with another vocabulary is an error
+    (its word embeddings would be read for the wrong words)."""
+    if source.tokenizer_path is None or tokenizer is None:
+        return
+    from mmjax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+
+    theirs, ours = Tokenizer.from_path(source.tokenizer_path).vocab(), tokenizer.vocab()
+    if theirs != ours:
+        differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+        raise ValueError(f"init_from: the checkpoint's tokenizer ({source.tokenizer_path}, {len(theirs)} tokens) is "
+                         f"not the data's ({len(ours)} tokens; e.g. {differ}): set data.tokenizer to the "
+                         f"checkpoint's tokenizer.json")

@@ -129,11 +129,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     workdir = check_workdir(workdir)
     state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"))
+    state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"), meta.answer_vocab,
+                                           tokenizer)
     logging.info("%s", how)
     start_step = int(state["step"])
     if jax.process_index() == 0:
         checkpoint.save_config(config, workdir)
+        checkpoint.save_run_files(workdir, tokenizer=tokenizer, answer_vocab=meta.answer_vocab)
     writer = MetricWriter(workdir)
     writer.truncate_after(start_step)
     logging.info("starting at step %d of %d", start_step, config.train.steps)
@@ -141,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     # 5. Input: each process reads its own shard; the order is a function of (seed, step), so resuming is exact.
     batches = pipeline.train_iterator(config.data, tokenizer, global_batch_size=config.train.batch_size,
                                       seed=config.seed, start_step=start_step)
-    evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh)
+    evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh, out_dir=workdir)
 
     # 6. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
     step_fn = jit_train_step(task, tx, schedule, mesh, shardings)
@@ -178,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
 
             due = {name: ev for name, ev in evaluators.items() if step % ev.every_steps == 0 or step == last}
             if due:
-                eval_metrics = run_evaluators(due, state["params"])
+                eval_metrics = run_evaluators(due, state["params"], step)
                 writer.write(step, "eval", eval_metrics)
                 logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 t_last = time.perf_counter()  # keep eval time out of the throughput figure

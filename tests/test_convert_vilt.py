@@ -78,21 +78,27 @@ def max_diffs(ours: dict, theirs: dict) -> dict[str, float]:
     return {n: float(np.abs(ours[n] - theirs[n]).max()) for n in theirs}
 
 
+def saved_random_model(architecture: str, path, seed: int, **config):
+    """An HF ViLT of the SMALL shapes with every parameter randomised, saved at `path`: (model, config, tensors).
+
+    HF zero-initialises biases, cls and positions and sets LayerNorms to 1/0: randomising every parameter makes a
+    swapped or dropped tensor show up. (parameters() yields the tied MLM decoder once: it stays tied.)
+    """
+    torch.manual_seed(seed)
+    reference = getattr(transformers, architecture)(transformers.ViltConfig(**SMALL, **config)).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(path)
+    with open(path / "config.json") as f:
+        hf_config = json.load(f)
+    return reference, hf_config, safetensors_numpy.load_file(str(path / "model.safetensors"))
+
+
 @pytest.mark.parametrize("architecture", hf_vilt.ARCHITECTURES)
 def test_load_and_export_match_transformers(architecture: str, tmp_path, raster_patches):
     """HF save_pretrained -> hf_vilt.load -> same outputs; export -> from_pretrained -> same tensors and outputs."""
-    config = transformers.ViltConfig(**SMALL, num_labels=7)
-    torch.manual_seed(0)
-    reference = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        # HF zero-initialises biases, cls and positions and sets LayerNorms to 1/0: randomise every parameter so
-        # that a swapped or dropped tensor shows up. (parameters() yields the tied MLM decoder once: it stays tied.)
-        for p in reference.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    reference.save_pretrained(tmp_path / "hf")
-    with open(tmp_path / "hf" / "config.json") as f:
-        hf_config = json.load(f)
-    tensors = safetensors_numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    reference, hf_config, tensors = saved_random_model(architecture, tmp_path / "hf", seed=0, num_labels=7)
 
     model, variables, model_config = hf_vilt.load(hf_config, tensors)
     inputs = make_inputs()
@@ -136,3 +142,36 @@ def test_config_mapping_and_detection():
         hf_vilt.infer_architecture(dict(qa, mlm_head=True))
     with pytest.raises(ValueError, match="pre-LN"):  # checked before any weight is read
         hf_vilt.export(dict(cfg, norm="post"), {}, "ViltModel")
+
+
+def test_other_sizes_and_padded_images_match_transformers(tmp_path, raster_patches):
+    """ViLT's fine-tuning inputs: images larger than the training size, of different shapes padded into one batch
+    with a pixel mask. Positions are interpolated per image as transformers does (pos_interpolation="hf")."""
+    reference, hf_config, tensors = saved_random_model("ViltModel", tmp_path / "hf", seed=1)
+    model, variables, model_config = hf_vilt.load(hf_config, tensors)
+    assert model_config["pos_interpolation"] == "hf"
+    rng = np.random.default_rng(3)
+    h, w = 48, 64  # 6 x 8 patches; the training grid is 4 x 4
+    inputs = make_inputs()
+    inputs["image"] = rng.normal(size=(B, h, w, C)).astype(np.float32)
+    pixel_mask = np.ones((B, h, w), np.int64)
+    pixel_mask[1, 40:, :] = 0  # the second image is 40 x 56: 5 x 7 patches, then padding
+    pixel_mask[1, :, 56:] = 0
+    inputs["image"][1][pixel_mask[1] == 0] = 0.0
+    with torch.no_grad():
+        out = reference(input_ids=torch.tensor(inputs["text_ids"]), attention_mask=torch.tensor(inputs["text_mask"]),
+                        token_type_ids=torch.tensor(inputs["text_type_ids"]),
+                        pixel_values=torch.tensor(inputs["image"].transpose(0, 3, 1, 2)),
+                        pixel_mask=torch.tensor(pixel_mask))
+    batch = {k: jnp.asarray(v, jnp.float32 if k == "image" else jnp.int32) for k, v in inputs.items()}
+    batch["image_mask"] = jnp.asarray(pixel_mask, jnp.int32)
+    ours = jax.jit(model.apply)(variables, batch)
+    # Text tokens, the image [CLS] and the pooler (padded patch rows are unspecified in both).
+    text = L + 1
+    np.testing.assert_allclose(np.asarray(ours["last_hidden_state"])[:, :text],
+                               out.last_hidden_state.numpy()[:, :text], atol=ATOL)
+    np.testing.assert_allclose(np.asarray(ours["pooler_output"]), out.pooler_output.numpy(), atol=ATOL)
+    # And the real patches of the padded image, in raster order in both.
+    real = np.nonzero(pixel_mask[1, ::8, ::8].reshape(-1))[0]
+    np.testing.assert_allclose(np.asarray(ours["last_hidden_state"])[1, text + real],
+                               out.last_hidden_state.numpy()[1, text + np.arange(len(real))], atol=ATOL)

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mmjax.data import easy_vqa_captions as evc
-from mmjax.data import pipeline, sources
+from mmjax.data import pipeline, preprocess, sources
 from mmjax.data.tokenizer import Tokenizer, train_wordpiece
 
 # sha256 over (image_id, label, size, position, bbox, captions) of the test split; pins the exact build so that a
@@ -426,3 +426,22 @@ def test_continuation_table_marks_wordpiece_suffixes(tokenizer):
     assert table.shape == (tokenizer.vocab_size,) and table.dtype == bool
     vocab = tokenizer._tok.get_vocab()  # pylint: disable=protected-access
     assert all(table[i] == t.startswith("##") for t, i in vocab.items())
+
+
+def test_padded_images_with_a_pixel_mask(embedded_data_config, tokenizer):
+    # ViLT's fine-tuning inputs: shorter side 32, longer at most 48, padded to 48 x 48 with a pixel mask. The
+    # embedded images are square: 32 x 32 on the canvas, zeros (after normalisation) elsewhere.
+    embedded_data_config.update(dict(image_size=32, image_canvas=48, size_divisor=8))
+    batch = next(pipeline.eval_batches(embedded_data_config, tokenizer, global_batch_size=4, process_index=0,
+                                       process_count=1))
+    assert batch["image"].shape == (4, 48, 48, 3) and batch["image_mask"].shape == (4, 48, 48)
+    np.testing.assert_array_equal(batch["image_mask"][:, :32, :32], 1)
+    assert batch["image_mask"].sum() == 4 * 32 * 32
+    assert np.all(batch["image"][:, 32:] == 0) and np.all(batch["image"][:, :, 32:] == 0)
+    meta = pipeline.dataset_meta(embedded_data_config)
+    assert pipeline.batch_shapes(embedded_data_config, meta)["image_mask"].shape == (1, 48, 48)
+    # A wide image: the longer side is capped by the canvas, both sides multiples of the divisor.
+    fn = preprocess.resize_pad_fn(preprocess.default_image_config(), train=False, image_size=32, canvas=48,
+                                  size_divisor=8)
+    image, mask = fn(np.zeros((30, 90, 3), np.uint8), np.zeros(2, np.int64))
+    assert image.shape == (48, 48, 3) and int(mask[:, 0].numpy().sum()) == 16 and int(mask[0].numpy().sum()) == 48

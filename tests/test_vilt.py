@@ -244,3 +244,21 @@ def test_parity_with_hugging_face():
     np.testing.assert_allclose(out["image_tokens"][:, 0], last[:, L], atol=1e-4)  # image cls (HF shuffles patches)
     np.testing.assert_allclose(out["pooled"], pooled, atol=1e-4)
     np.testing.assert_allclose(np.asarray(out["mlm_logits"])[real], ref.logits.numpy()[real], atol=1e-4)
+
+
+def test_hf_position_interpolation_per_image():
+    """pos_interpolation="hf": identity at the training grid; each image resized to its own valid grid (aligned
+    corners keep the table's corner rows); zeros on padding."""
+    from mmjax.models.vilt import hf_positions  # pylint: disable=import-outside-toplevel
+
+    table = jax.random.normal(jax.random.PRNGKey(2), (16, D))
+    full = jnp.ones((2, 16), jnp.int32)
+    np.testing.assert_allclose(hf_positions(table, (4, 4), (4, 4), full), jnp.broadcast_to(table, (2, 16, D)),
+                               atol=1e-6)
+    mask = jnp.zeros((2, 6, 8), jnp.int32).at[0].set(1).at[1, :3, :5].set(1).reshape(2, 48)
+    out = hf_positions(table, (4, 4), (6, 8), mask).reshape(2, 6, 8, D)
+    grid = table.reshape(4, 4, D)
+    for b, (h, w) in enumerate([(6, 8), (3, 5)]):
+        for (i, j), (y, x) in {(0, 0): (0, 0), (h - 1, w - 1): (3, 3), (0, w - 1): (0, 3)}.items():
+            np.testing.assert_allclose(out[b, i, j], grid[y, x], atol=1e-5)  # corners land on corners
+    assert np.all(np.asarray(out[1, 3:]) == 0) and np.all(np.asarray(out[1, :, 5:]) == 0)

@@ -17,8 +17,8 @@ Where HF and we differ (parity holds at the training resolution, image_size x im
   `last_hidden_state` come in HF's random order.
 - max_image_length: HF's -1 (keep every patch) is our max_image_len=None; a cap k > 0 keeps k patches in both, drawn
   at random by HF and (without a "patches" rng) the first valid ones in raster order by us.
-- Other image sizes: HF resizes positions bilinearly (align_corners) to each image's pixel-mask extent; ours
-  bicubically (pos_interpolation) to the whole grid.
+- Other image sizes and padded images: converted models use pos_interpolation="hf", HF's own scheme (bilinear with
+  aligned corners to each image's pixel-mask extent, zero positions on padding): outputs agree there too.
 - ITM and MPP heads (ours) have no HF counterpart: `load` turns ITM off, `export` leaves both out.
 """
 from __future__ import annotations
@@ -101,6 +101,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], architecture: str,
         "modality_type_vocab": g("modality_type_vocab_size", 2),
         # HF: a negative (or missing) max_image_length keeps every patch; k >= 0 keeps min(k, patches).
         "max_image_len": None if max_image_length is None or max_image_length < 0 else int(max_image_length),
+        # Positions at other sizes as HF computes them: per image's valid patch grid, bilinear, aligned corners.
+        "pos_interpolation": "hf",
         "mlm_head": architecture == "ViltForMaskedLM",
         "itm_head": False,  # HF ViLT has no ITM head
         "mpp_head": False,

@@ -7,12 +7,15 @@
         [--validation=...] [--test=QUESTIONS.json,,IMAGE_DIR,PATTERN] --out=DIR [--name=vqa] \\
         [--vocab_size=3129] [--answer_vocab=FILE] [--skip_bad] [--tokenizer_vocab_size=8000]
     python -m mmjax.data.build easy_vqa --out=DIR [--limit=N]
+    python -m mmjax.data.build image_folder --images=CLASS_FOLDERS --out=DIR [--name=NAME]
 
 `image_text` is `mmjax.data.image_text.build_image_text` and `vqa` is `mmjax.data.vqa.build_vqa` (their module
 docstrings document the file formats). A vqa split is "questions,annotations,image folder[,image pattern]"; leave
 the annotations empty for a split without answers; the pattern defaults to VQAv2's
 "COCO_{coco_split}_{image_id:012d}.jpg". `easy_vqa` writes the easy-vqa package's train and test splits as
 VQAv2 files into `<out>/easy_vqa_files/` (first `limit` questions of each) and builds them as dataset "easy_vqa".
+`image_folder` is `mmjax.data.image_folder.build_image_folder`: labelled images, one folder per class (zero-shot
+classification data).
 
 Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split and
 the skip summary. Bad input prints `error: <message>` on stderr and exits with status 2.
@@ -30,12 +33,12 @@ import sys
 from typing import Sequence
 
 from mmjax import cli_logging
-from mmjax.data import image_text, vqa
+from mmjax.data import image_folder, image_text, vqa
 
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-COMMANDS = ("image_text", "vqa", "easy_vqa")
+COMMANDS = ("image_text", "vqa", "easy_vqa", "image_folder")
 VQA_SPLITS = ("train", "validation", "test")
 
 
@@ -77,6 +80,10 @@ def run(command: str, values: dict) -> str:
         return vqa.build_vqa(splits, values["out"], name=values.get("name") or "easy_vqa",
                              vocab_size=values["vocab_size"], skip_bad=values["skip_bad"],
                              tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
+    if command == "image_folder":
+        if not values.get("images"):
+            raise ValueError("--images is required (the folder of class folders)")
+        return image_folder.build_image_folder(values["images"], values["out"], name=values.get("name"), **storage)
     raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
 
 
@@ -98,7 +105,8 @@ def _define_flags() -> None:
                       "Shard format: tfrecord, or array_record (random access, exact resume without re-reading).")
     flags.DEFINE_integer("num_shards", None, "Files per split (default: TFDS sizes them), e.g. a multiple of hosts.")
     flags.DEFINE_string("annotations", None, "image_text: .jsonl / .csv / .tsv annotation file.")
-    flags.DEFINE_string("images", None, "image_text: folder the image paths are relative to.")
+    flags.DEFINE_string("images", None, "image_text: folder the image paths are relative to; image_folder: the "
+                                        "folder of class folders.")
     flags.DEFINE_string("regions", None, "image_text: folder of per-image region .npz files.")
     flags.DEFINE_float("eval_fraction", 0.05, "image_text: images held out as validation when no split given.")
     for split in VQA_SPLITS:

@@ -10,6 +10,7 @@ dataset (the embedded one included); what a dataset offers is described to the t
 Batch keys (numpy, per process; b = global_batch_size // process_count, L = data_config.max_len):
 
     image          float32 [b, S, S, 3]  normalised: (pixel / 255 - mean) / std, S = data_config.image_size
+    image_mask     int32   [b, S, S]     with data.image_canvas (S = it): 1 on the image's pixels, 0 on padding
     text_ids       int32   [b, L]        [CLS] tokens [SEP] then pad_id (a random caption in train, caption 0 in eval)
     text_mask      int32   [b, L]        1 on real tokens incl. [CLS] / [SEP], 0 on padding
     image_id       int32   [b]           the example's id (for de-duplication and tests)
@@ -18,6 +19,7 @@ Batch keys (numpy, per process; b = global_batch_size // process_count, L = data
     other_NAME_text_ids / _mask          with a source's negatives: the caption with attribute NAME's word swapped
     region_feats / region_boxes / region_mask / region_targets    with data.regions.enabled (meta: sizes)
     answers        float32 [b, V]        with data.answers: VQA soft scores over meta.answer_vocab
+    question_id    int32   [b]           with data.answers: the question's id
     mask           float32 [b]           eval only: 1 for real examples, 0 for padding of the last batches
 
 How it works (mmjax/data/sources.py reads each source). Each process reads only its own slice of every split.
@@ -44,6 +46,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from mmjax.data import easy_vqa_captions, sources
+from mmjax.data import vqa as _vqa  # noqa: F401  (registers the easy_vqa_questions builder with TFDS)
 from mmjax.data.tokenizer import Tokenizer
 
 # TF is only the input pipeline here: keep it off the accelerators (JAX owns them) and quiet.
@@ -60,6 +63,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The data config with its defaults and no sources (add them to `sources`)."""
     return ml_collections.ConfigDict(dict(
         image_size=64,          # every source's images are preprocessed to image_size x image_size
+        # ViLT's fine-tuning inputs instead: the shorter side image_size, the longer at most image_canvas, padded to
+        # image_canvas x image_canvas, with `image_mask` (1 on the image's pixels); None: square images.
+        image_canvas=config_dict.placeholder(int),
+        size_divisor=32,        # with image_canvas: each side a multiple of it (ViLT: 32, its patch size)
         mean=(0.5, 0.5, 0.5),   # in [0, 1] pixel units
         std=(0.5, 0.5, 0.5),
         normalization=config_dict.placeholder(str),  # a preprocess.NORMALIZATION preset; overrides mean / std
@@ -68,6 +75,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         prefetch=2,
         # {key: sources.source_config(...)}; several sources are mixed by their weights.
         sources=ml_collections.ConfigDict(),
+        # Sources only evaluators read (e.g. a zero-shot classification set), never trained on.
+        eval_sources=ml_collections.ConfigDict(),
         eval_source=config_dict.placeholder(str),  # the source evaluated on by default (default: the first)
         # Region inputs for region-based models (UNITER, ViLBERT): precomputed features or regions_from_boxes,
         # padded to max_regions (precomputed) per example.
@@ -93,11 +102,28 @@ def _sources(data_config) -> list[tuple[str, ml_collections.ConfigDict]]:
     return [(k, data_config.sources[k]) for k in data_config.sources]
 
 
+def _all_sources(data_config) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The train sources, then the eval-only ones (data.eval_sources); a key may name only one of them."""
+    extra = [(k, data_config.eval_sources[k]) for k in (data_config.get("eval_sources") or {})]
+    clash = [k for k, _ in extra if k in data_config.sources]
+    if clash:
+        raise ValueError(f"data.eval_sources {clash} are also in data.sources: give them other names")
+    return _sources(data_config) + extra
+
+
+def source_config_of(data_config: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
+    """The config of source `key`, a train source or an eval-only one."""
+    for name, cfg in _all_sources(data_config):
+        if name == key:
+            return cfg
+    raise ValueError(f"no data source {key!r}; data.sources: {list(data_config.sources)}, data.eval_sources: "
+                     f"{list(data_config.get('eval_sources') or {})}")
+
+
 def eval_source(data_config: ml_collections.ConfigDict) -> str:
     """The source evaluated on by default: data.eval_source, or the first source."""
     key = data_config.get("eval_source") or _sources(data_config)[0][0]
-    if key not in data_config.sources:
-        raise ValueError(f"data.eval_source={key!r} is not one of data.sources: {list(data_config.sources)}")
+    source_config_of(data_config, key)
     return key
 
 
@@ -129,6 +155,7 @@ class DatasetMeta:
     eval_source: str
     vocab_size: int | None = None
     model_keys: tuple[str, ...] = ()  # the batch keys that are model inputs (image, text_ids, regions, ...)
+    train_sources: tuple[str, ...] = ()  # the keys of the sources training mixes (default: all of them)
 
     def source(self, key: str | None = None) -> sources.SourceMeta:
         """One source's metadata (default: the eval source)."""
@@ -138,7 +165,7 @@ class DatasetMeta:
         return self.sources[key]
 
     def _shared(self, field: str):
-        values = [getattr(m, field) for m in self.sources.values()]
+        values = [getattr(m, field) for k, m in self.sources.items() if k in (self.train_sources or self.sources)]
         return values[0] if all(v == values[0] for v in values) else None
 
     @property
@@ -165,14 +192,18 @@ class DatasetMeta:
 
 def dataset_meta(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> DatasetMeta:
     """Every source's metadata (building the embedded dataset on first use), and the tokenizer's vocabulary."""
-    metas = {key: sources.describe(key, cfg, data_config) for key, cfg in _sources(data_config)}
+    metas = {key: sources.describe(key, cfg, data_config) for key, cfg in _all_sources(data_config)}
     meta = DatasetMeta(sources=metas, eval_source=eval_source(data_config),
-                       vocab_size=None if tokenizer is None else tokenizer.vocab_size)
+                       vocab_size=None if tokenizer is None else tokenizer.vocab_size,
+                       train_sources=tuple(key for key, _ in _sources(data_config)))
     return dataclasses.replace(meta, model_keys=tuple(batch_shapes(data_config, meta)))
 
 
 # Batch keys each modality gives a model, as ShapeDtypeStructs: fn(data_config, meta, batch_size) -> {key: shape}.
 def _image_keys(cfg, meta, b):
+    if cfg.get("image_canvas"):
+        side = cfg.image_canvas
+        return {"image": ((b, side, side, 3), np.float32), "image_mask": ((b, side, side), np.int32)}
     return {"image": ((b, cfg.image_size, cfg.image_size, 3), np.float32)}
 
 
@@ -212,7 +243,7 @@ def train_batch_shapes(data_config: ml_collections.ConfigDict, meta: DatasetMeta
     shapes = batch_shapes(data_config, meta, batch_size)
     ids = jax.ShapeDtypeStruct((batch_size,), np.int32)
     shapes.update(image_id=ids, source=ids)
-    if all(m.class_names for m in meta.sources.values()):
+    if all(meta.sources[k].class_names for k in meta.train_sources):
         shapes["label"] = ids
     for name in meta.attributes:
         shapes[f"other_{name}_text_ids"] = shapes[f"other_{name}_text_mask"] = shapes["text_ids"]
@@ -221,6 +252,7 @@ def train_batch_shapes(data_config: ml_collections.ConfigDict, meta: DatasetMeta
                                                         np.float32)
     if data_config.answers and meta.answer_vocab:
         shapes["answers"] = jax.ShapeDtypeStruct((batch_size, len(meta.answer_vocab)), np.float32)
+        shapes["question_id"] = ids
     return shapes
 
 
@@ -323,15 +355,16 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                       process_count=process_count)
                for i, (key, cfg) in enumerate(pairs)]
     _check_same_structure(streams, [key for key, _ in pairs])
-    if len(streams) == 1:
-        ds = streams[0]
+    if len(streams) == 1:  # the source's chunks cut into batches, without unbatching them
+        ds = streams[0].rebatch(b, drop_remainder=True)
     else:
         logits = tf.constant(_mixture_logits(weights))
         first_block, skip = divmod(start, BLOCK)
         choices = tf.data.Dataset.range(first_block, np.iinfo(np.int64).max).flat_map(
             lambda blk: tf.data.Dataset.from_tensor_slices(_choice_block(logits, seed, process_index, blk)))
-        ds = tf.data.Dataset.choose_from_datasets(streams, choices.skip(skip))
-    ds = ds.batch(b, drop_remainder=True).prefetch(data_config.prefetch)
+        ds = tf.data.Dataset.choose_from_datasets([s.unbatch() for s in streams], choices.skip(skip))
+        ds = ds.batch(b, drop_remainder=True)
+    ds = ds.prefetch(data_config.prefetch)
     return _to_numpy_batches(ds, tokenizer, data_config.max_len)
 
 
@@ -342,20 +375,18 @@ def eval_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
     with caption 0; the last batches are padded (mask 0) so every process runs the same number of batches."""
     process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
     key = source or eval_source(data_config)
-    if key not in data_config.sources:
-        raise ValueError(f"no data source {key!r}; data.sources: {list(data_config.sources)}")
-    cfg = data_config.sources[key]
-    index = list(data_config.sources).index(key)
+    cfg = source_config_of(data_config, key)
+    index = [k for k, _ in _all_sources(data_config)].index(key)
     meta = sources.describe(key, cfg, data_config)
     split = split or cfg.eval_split
     ds, n_local, total = sources.eval_examples(key, index, cfg, data_config, meta, split=split,
                                                process_index=process_index, process_count=process_count)
-    ds = ds.map(lambda ex: dict(ex, mask=tf.constant(1.0)))
+    ds = ds.map(lambda chunk: dict(chunk, mask=tf.ones(tf.shape(chunk["image_id"]), tf.float32)))
     pad = sources.num_batches(total, process_count, b) * b - n_local
-    if pad > 0:
-        dummy = {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant("")
+    if pad > 0:  # one chunk of padding rows: zeros, empty texts, image_id -1, mask 0
+        dummy = {k: tf.zeros([pad, *s.shape[1:]], s.dtype) if s.dtype != tf.string else tf.fill([pad], "")
                  for k, s in ds.element_spec.items()}
-        dummy["image_id"] = tf.constant(-1, tf.int32)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(pad))
-    ds = ds.batch(b).prefetch(data_config.prefetch)
+        dummy["image_id"] = tf.fill([pad], -1)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy))
+    ds = ds.rebatch(b).prefetch(data_config.prefetch)
     return _to_numpy_batches(ds, tokenizer, data_config.max_len)

@@ -455,6 +455,46 @@ def image_preprocess_fn(cfg, *, train: bool, image_size: int, mean: Sequence[flo
     return fn
 
 
+def resize_pad_fn(cfg, *, train: bool, image_size: int, canvas: int,
+                  size_divisor: int = 32) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """fn(encoded bytes or uint8 [H, W, 3], seed [2]) -> (float32 [canvas, canvas, 3] in 0..255, int32 pixel mask
+    [canvas, canvas]): ViLT's fine-tuning input (transformers' ViltImageProcessor).
+
+    The image is resized (bilinear, antialiased) so its shorter side is image_size, scaled down further if its
+    longer side would exceed canvas (ViLT: 384 and 640), each side floored to a multiple of size_divisor; train
+    flips and RandAugment apply as in `image_preprocess_fn`; it is then placed top-left on a zero canvas, the mask
+    1 on its pixels. random_resized_crop is not supported here (the aspect ratio is the point).
+    """
+    cfg = _resolve_config(cfg)
+    if cfg.random_resized_crop:
+        raise ValueError("random_resized_crop cannot be combined with padded images (data.image_canvas)")
+    if canvas < image_size:
+        raise ValueError(f"data.image_canvas={canvas} must be at least data.image_size={image_size}")
+    flip = train and cfg.flip
+    ra_layers = cfg.randaugment.num_layers if train else 0
+
+    def fn(image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.convert_to_tensor(image)
+        if image.dtype == tf.string:
+            image = decode_image(image)
+        _, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 3))
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = tf.minimum(image_size / tf.reduce_min(shape), canvas / tf.reduce_max(shape))
+        # As ViltImageProcessor: round the scaled sides, then down to a multiple of the divisor.
+        size = tf.cast(tf.floor(tf.floor(shape * scale + 0.5) / size_divisor) * size_divisor, tf.int32)
+        size = tf.maximum(size, size_divisor)
+        x = tf.image.resize(image, size, method="bilinear", antialias=True)
+        if flip:
+            x = random_flip(x, flip_seed)
+        if ra_layers:
+            x = tf.cast(rand_augment(_to_uint8(x), ra_seed, ra_layers, cfg.randaugment.magnitude), tf.float32)
+        x = tf.image.pad_to_bounding_box(x, 0, 0, canvas, canvas)
+        mask = tf.image.pad_to_bounding_box(tf.ones([size[0], size[1], 1], tf.int32), 0, 0, canvas, canvas)[..., 0]
+        return tf.ensure_shape(x, [canvas, canvas, 3]), tf.ensure_shape(mask, [canvas, canvas])
+
+    return fn
+
+
 # ----------------------------------------------------------------------------------------------- text
 
 

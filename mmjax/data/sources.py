@@ -33,7 +33,7 @@ What a source offers beyond images and texts is declared per source, so any data
 Per-example keys, before tokenization: image float32 [S, S, 3] normalised, caption string, image_id int32, source
 int32 (index into `data.sources`); with label_key: label; with negatives: caption_other_NAME strings; with
 `data.regions.enabled`: region_feats [R, D], region_boxes [R, 4], region_mask [R] (1 = real) and region_targets
-[R, C] where the source has classes; with `data.answers`: answers float32 [V] (VQA soft scores).
+[R, C] where the source has classes; with `data.answers`: answers float32 [V] (VQA soft scores) and question_id.
 
 How one example is made: parse (deserialize, decode, clean the texts) and the image's geometric preprocessing run
 per example (with a stateless seed from (seed, source, process, position)); everything else runs on chunks of
@@ -63,7 +63,8 @@ from mmjax import configlib
 from mmjax.data import preprocess
 
 # What each kind of source yields, by modality; a new modality is a new kind here and a new parse branch.
-KINDS: dict[str, tuple[str, ...]] = {"image_text": ("image", "text"), "vqa": ("image", "text", "answers")}
+KINDS: dict[str, tuple[str, ...]] = {"image_text": ("image", "text"), "vqa": ("image", "text", "answers"),
+                                     "image_label": ("image", "text")}  # a labelled image's text: its class name
 VQA_TEXT = ("question", "question_answer")
 CHUNK = 64  # examples finished at once (vectorised), and the in-memory reader's unit of random draws
 
@@ -84,7 +85,9 @@ def source_config(**overrides) -> ml_collections.ConfigDict:
         text_key="captions",
         id_key="image_id",   # None or missing: the position within the split
         label_key=config_dict.placeholder(str),  # a ClassLabel feature -> `label`; its names are the classes
-        prompts=(),          # zero-shot prompt templates, "{}" for the class name
+        class_names=(),      # the classes' names in prompts, if not the ClassLabel's (e.g. ImageNet's synset ids)
+        prompt_set=config_dict.placeholder(str),  # zero-shot templates by name (PROMPT_SETS) ...
+        prompts=(),          # ... and / or listed: "{}" is the class name
         negatives=(),        # ClassLabel features whose words are swapped for hard-negative captions
         regions_from_boxes=dict(box_key=config_dict.placeholder(str), crop=8, grid=2),
         in_memory=False,     # decode the slice once and keep it in memory (small datasets)
@@ -150,10 +153,12 @@ def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
                          f"reads TFRecord and ArrayRecord shards")
     features = builder.info.features
     # id_key may be absent (examples are then numbered by position); the image and the text must be there.
-    for what in ("image_key",) if cfg.kind == "vqa" else ("image_key", "text_key"):
+    for what in ("image_key", "text_key") if cfg.kind == "image_text" else ("image_key",):
         if _feature(features, cfg[what]) is None:
             raise ValueError(f"data.sources.{key}.{what}={cfg[what]!r} is not a feature of {builder.name}; "
                              f"features: {sorted(features.keys())}")
+    if cfg.kind == "image_label" and not cfg.label_key:
+        raise ValueError(f"data.sources.{key}: kind='image_label' needs label_key (the ClassLabel feature)")
     if cfg.kind == "vqa":
         missing = [k for k in ("question", "answer_ids", "answer_scores") if k not in features]
         if missing:
@@ -294,19 +299,42 @@ class SourceMeta:
     texts_per_example: int | None = None            # captions per image when every example has the same number
 
 
+# Named prompt-template sets for zero-shot classification (a source's `prompts` may name one, or list its own).
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "photo": ("a photo of a {}.",),
+    # The 7-template ensemble CLIP's authors recommend for ImageNet (openai/CLIP's prompt engineering notebook).
+    "clip_7": ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+               "a {} in a video game.", "art of the {}.", "a photo of the small {}."),
+}
+
+
+def prompt_templates(prompt_set: str | None, prompts, where: str) -> tuple[str, ...]:
+    """A source's zero-shot templates: the named PROMPT_SETS entry, then the listed ones (one "{}" each)."""
+    if prompt_set and prompt_set not in PROMPT_SETS:
+        raise ValueError(f"{where}.prompt_set: unknown set {prompt_set!r}; known: {sorted(PROMPT_SETS)}")
+    templates = (PROMPT_SETS[prompt_set] if prompt_set else ()) + tuple(prompts)
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"{where}.prompts: {template!r} must hold exactly one {{}}")
+    return templates
+
+
 def describe(key: str, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict) -> SourceMeta:
     """The SourceMeta of source `key` (opens, and on first use prepares, its dataset)."""
     builder = open_source(key, cfg)
     features = builder.info.features
     meta = dict(key=key, kind=cfg.kind, splits={k: int(v.num_examples) for k, v in builder.info.splits.items()})
     if cfg.label_key:
-        meta["class_names"] = tuple(_feature(features, cfg.label_key).names)
-    meta["prompts"] = tuple(cfg.prompts)
+        names = tuple(_feature(features, cfg.label_key).names)
+        if cfg.class_names:
+            if len(cfg.class_names) != len(names):
+                raise ValueError(f"data.sources.{key}.class_names has {len(cfg.class_names)} names; "
+                                 f"{cfg.label_key} has {len(names)} classes")
+            names = tuple(cfg.class_names)
+        meta["class_names"] = names
+    meta["prompts"] = prompt_templates(cfg.get("prompt_set"), cfg.prompts, f"data.sources.{key}")
     if meta["prompts"] and not cfg.label_key:
         raise ValueError(f"data.sources.{key}.prompts need label_key (the classes the prompts name)")
-    for template in meta["prompts"]:
-        if template.count("{}") != 1:
-            raise ValueError(f"data.sources.{key}.prompts: {template!r} must hold exactly one {{}}")
     meta["attributes"] = {n: tuple(_feature(features, n).names) for n in cfg.negatives}
     for name, words in meta["attributes"].items():
         if any(len(w.split()) != 1 for w in words):
@@ -319,7 +347,7 @@ def describe(key: str, cfg: ml_collections.ConfigDict, data_config: ml_collectio
     shape = getattr(text, "shape", None)
     if shape is not None and len(shape) == 1 and shape[0]:
         meta["texts_per_example"] = int(shape[0])
-    elif cfg.kind == "vqa" or (shape is not None and len(shape) == 0):
+    elif cfg.kind != "image_text" or (shape is not None and len(shape) == 0):
         meta["texts_per_example"] = 1
     return SourceMeta(**meta)
 
@@ -374,7 +402,14 @@ class _Example:
             self.mean, self.std = preprocess.mean_std(data_config.normalization)
         else:
             self.mean, self.std = preprocess.mean_std((tuple(data_config.mean), tuple(data_config.std)))
-        self.image_fn = preprocess.image_preprocess_fn(cfg.image, train=train, image_size=self.image_size)
+        self.canvas = data_config.get("image_canvas")
+        if self.canvas:  # ViLT's fine-tuning inputs: aspect kept, padded, with a pixel mask
+            pad = preprocess.resize_pad_fn(cfg.image, train=train, image_size=self.image_size, canvas=self.canvas,
+                                           size_divisor=int(data_config.get("size_divisor") or 32))
+            self.image_fn = lambda image, seed: dict(zip(("image", "image_mask"), pad(image, seed)))
+        else:
+            plain = preprocess.image_preprocess_fn(cfg.image, train=train, image_size=self.image_size)
+            self.image_fn = lambda image, seed: {"image": plain(image, seed)}
         self.deterministic_image = preprocess.is_deterministic(cfg.image, train=train)
         self.has_id = bool(cfg.id_key) and _feature(self.features, cfg.id_key) is not None
         self.regions = bool(data_config.regions.enabled)
@@ -388,14 +423,15 @@ class _Example:
 
     # -- parse: one serialized record -> raw fields (the image decoded, not yet preprocessed)
 
-    def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Deserializes one record: image uint8 [H, W, 3], texts string [T], image_id (-1 if none) and the
-        fields the source offers (label, attributes, box, precomputed regions, answers)."""
+    def parse(self, record: tf.Tensor, with_image: bool = True) -> dict[str, tf.Tensor]:
+        """Deserializes one record: image uint8 [H, W, 3] (unless not `with_image`), texts string [T], image_id (-1
+        if none) and the fields the source offers (label, attributes, box, precomputed regions, answers)."""
         cfg = self.cfg
         ex = self.features.deserialize_example(record, decoders=self.decoders)
-        image = _get(ex, cfg.image_key)
-        raw = {"image": preprocess.decode_image(image) if image.dtype == tf.string else image,
-               "image_id": tf.cast(_get(ex, cfg.id_key), tf.int32) if self.has_id else tf.constant(-1, tf.int32)}
+        raw = {"image_id": tf.cast(_get(ex, cfg.id_key), tf.int32) if self.has_id else tf.constant(-1, tf.int32)}
+        if with_image:
+            image = _get(ex, cfg.image_key)
+            raw["image"] = preprocess.decode_image(image) if image.dtype == tf.string else image
         if cfg.kind == "vqa":
             text = ex["question"]
             if cfg.text.vqa == "question_answer":
@@ -404,9 +440,12 @@ class _Example:
                                  lambda: tf.gather(tf.constant(self.meta.answer_vocab), top), lambda: tf.constant(""))
                 text = tf.strings.join([text, answer], separator=" ")
             raw["texts"] = tf.reshape(text, [1])
-            if self.answers:
+            if self.answers:  # VQA training / evaluation: the question's id (the evaluator's key to its answers)
+                raw["question_id"] = tf.cast(ex["question_id"], tf.int32)
                 raw["answers"] = tf.scatter_nd(tf.cast(ex["answer_ids"], tf.int32)[:, None],
                                                tf.cast(ex["answer_scores"], tf.float32), [len(self.meta.answer_vocab)])
+        elif cfg.kind == "image_label":
+            raw["texts"] = tf.reshape(tf.gather(tf.constant(self.meta.class_names), _get(ex, cfg.label_key)), [1])
         else:
             texts = _get(ex, cfg.text_key)
             if isinstance(texts, tf.RaggedTensor):  # nested sequences (ref_coco: objects/refexp/raw): all of them
@@ -433,7 +472,7 @@ class _Example:
         out = dict(raw)
         k_image, k_text = tf.unstack(tf.random.experimental.stateless_split(
             _seed(self.seed, self.index, self.process_index, position), 2))
-        out["image"] = self.image_fn(raw["image"], k_image)
+        out.update(self.image_fn(raw["image"], k_image))
         texts = out.pop("texts")
         n = tf.shape(texts)[0]
         tf.debugging.assert_positive(n, message=f"data.sources.{self.key}: an example without texts")
@@ -449,6 +488,8 @@ class _Example:
         cfg = self.cfg
         out = dict(chunk)
         out["image"] = preprocess.normalize(chunk["image"], self.mean, self.std)
+        if "image_mask" in chunk:  # padding is zero after normalisation, as transformers' ViLT processor pads
+            out["image"] = out["image"] * tf.cast(chunk["image_mask"], tf.float32)[..., None]
         text = chunk["caption"]
         # An empty text would train as a silent [CLS] [SEP]: stop, naming the source and the example.
         empty = tf.debugging.Assert(tf.reduce_all(tf.strings.length(text) > 0),
@@ -556,8 +597,8 @@ def regions_from_boxes(image: tf.Tensor, box: tf.Tensor, label: tf.Tensor, *, cr
 
 
 def _finished(ex: _Example, examples: tf.data.Dataset) -> tf.data.Dataset:
-    """Prepared examples -> finished examples, CHUNK at a time (order and count unchanged)."""
-    return examples.batch(CHUNK).map(ex.finish, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    """Prepared examples -> chunks of CHUNK finished examples (order and count unchanged)."""
+    return examples.batch(CHUNK).map(ex.finish, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _shuffled_records(files, skips, takes, *, seed: int, index: int, epoch, shuffle_buffer: int) -> tf.data.Dataset:
@@ -615,8 +656,8 @@ def _memory(key: str, cfg_json: str, data_json: str, split: str, process_index: 
     def parse(record):
         raw = ex.parse(record)
         if ex.deterministic_image:
-            image = ex.image_fn(raw["image"], tf.zeros([2], tf.int64))
-            raw["image"] = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+            raw.update(ex.image_fn(raw["image"], tf.zeros([2], tf.int64)))
+            raw["image"] = tf.cast(tf.clip_by_value(tf.round(raw["image"]), 0, 255), tf.uint8)
         raw["num_texts"] = tf.shape(raw["texts"])[0]
         return raw
 
@@ -638,11 +679,12 @@ def _memory(key: str, cfg_json: str, data_json: str, split: str, process_index: 
 
 
 def _memory_chunks(ex: _Example, data: dict[str, np.ndarray], chunks: tf.data.Dataset) -> tf.data.Dataset:
-    """Chunks (first stream position, indices [<= CHUNK]) into the in-memory slice -> finished examples, with the
-    text choice drawn per chunk from (seed, source, process, first position)."""
+    """Chunks (first stream position, indices [<= CHUNK], how many to drop from the front) into the in-memory
+    slice -> chunks of finished examples, with the text choice drawn per chunk from (seed, source, process, first
+    position): a chunk is drawn whole, then its front dropped, so a resume inside it replays its draws."""
     tensors = {k: tf.constant(v) for k, v in data.items()}
 
-    def gather(first, idx):
+    def gather(first, idx, drop):
         idx = tf.cast(idx, tf.int32)
         out = {k: tf.gather(v, idx) for k, v in tensors.items() if k not in ("texts", "num_texts")}
         counts = tf.gather(tensors["num_texts"], idx)
@@ -654,58 +696,57 @@ def _memory_chunks(ex: _Example, data: dict[str, np.ndarray], chunks: tf.data.Da
             pick = tf.zeros_like(idx)
         out["caption"] = tf.gather(tf.gather(tensors["texts"], idx), pick, batch_dims=1)
         out["image_id"] = tf.where(out["image_id"] >= 0, out["image_id"], idx)
-        return out
+        out["position"] = first + tf.range(tf.size(idx, out_type=tf.int64))
+        return {k: v[drop:] for k, v in out.items()}
 
     if ex.deterministic_image:
-        def gather_and_finish(first, idx):
-            chunk = gather(first, idx)
+        def gather_and_finish(first, idx, drop):
+            chunk = gather(first, idx, drop)
+            del chunk["position"]
             return ex.finish(dict(chunk, image=tf.cast(chunk["image"], tf.float32)))
 
-        return chunks.map(gather_and_finish, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-
-    def with_positions(first, idx):
-        return dict(gather(first, idx), position=first + tf.range(tf.size(idx, out_type=tf.int64)))
+        return chunks.map(gather_and_finish, num_parallel_calls=tf.data.AUTOTUNE)
 
     def augment(example):  # random crops / flips / RandAugment stay per example, seeded by the position
         k_image = tf.random.experimental.stateless_split(
             _seed(ex.seed, ex.index, ex.process_index, example.pop("position")), 2)[0]
-        return dict(example, image=ex.image_fn(example["image"], k_image))
+        return dict(example, **ex.image_fn(example["image"], k_image))
 
-    examples = chunks.map(with_positions, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    examples = chunks.map(gather, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     return _finished(ex, examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE))
 
 
-def _epoch_chunks(n: int, *, seed: int, index: int, start: int) -> tuple[tf.data.Dataset, int]:
-    """Chunks (first stream position, indices) of the stream of indices into n examples from position `start`
-    (rounded down to its chunk), epoch e a permutation seeded by (seed, source, e) cut into chunks of CHUNK (the
-    last one of an epoch shorter); and how many positions to skip to reach `start`."""
+def _epoch_chunks(n: int, *, seed: int, index: int, start: int) -> tf.data.Dataset:
+    """Chunks (first stream position, indices, drop) of the stream of indices into n examples from position
+    `start`: epoch e is a permutation seeded by (seed, source, e) cut into chunks of CHUNK (the last one of an
+    epoch shorter); the chunk holding `start` comes whole, with drop = how many of its positions precede it."""
     start_epoch, offset = divmod(start, n)
-    first_chunk = offset // CHUNK
+    first_chunk, drop = divmod(offset, CHUNK)
     per_epoch = -(-n // CHUNK)
 
     def epoch_chunks(epoch):
         perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=_seed(seed, index, epoch))
         first = tf.where(epoch == start_epoch, first_chunk, 0)
         return tf.data.Dataset.range(tf.cast(first, tf.int64), per_epoch).map(
-            lambda c: (epoch * n + c * CHUNK, perm[c * CHUNK:(c + 1) * CHUNK]))
+            lambda c: (epoch * n + c * CHUNK, perm[c * CHUNK:(c + 1) * CHUNK],
+                       tf.where((epoch == start_epoch) & (c == first_chunk), drop, 0)))
 
-    chunks = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_chunks)
-    return chunks, offset - first_chunk * CHUNK
+    return tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_chunks)
 
 
 def train_examples(key: str, index: int, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
                    meta: SourceMeta, *, seed: int, consumed: int, process_index: int,
                    process_count: int) -> tf.data.Dataset:
-    """Source `key`'s infinite finished train examples for this process, from its stream position `consumed`."""
+    """Source `key`'s infinite finished train examples for this process from its stream position `consumed`, in
+    chunks (dicts of [c, ...]; `unbatch()` gives single examples)."""
     builder = open_source(key, cfg)
     check_split(builder, cfg.train_split, key)
     ex = _Example(key, index, builder, cfg, data_config, meta, train=True, seed=seed, process_index=process_index)
     if cfg.in_memory:
         data = _memory(key, cfg.to_json(), data_config.to_json(), cfg.train_split, process_index, process_count,
                        True)
-        # A resume starts at its chunk and skips into it: the chunk's draws replay exactly.
-        chunks, skip = _epoch_chunks(len(data["num_texts"]), seed=seed, index=index, start=consumed)
-        return _memory_chunks(ex, data, chunks).skip(skip)
+        chunks = _epoch_chunks(len(data["num_texts"]), seed=seed, index=index, start=consumed)
+        return _memory_chunks(ex, data, chunks)
     if _file_format(builder) == "array_record":
         reader = _array_record_reader(builder, cfg.train_split, process_index, process_count)
         indices = _epoch_indices(len(reader), seed=seed, index=index, start=consumed)
@@ -721,8 +762,8 @@ def train_examples(key: str, index: int, cfg: ml_collections.ConfigDict, data_co
 def eval_examples(key: str, index: int, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
                   meta: SourceMeta, *, split: str, process_index: int,
                   process_count: int) -> tuple[tf.data.Dataset, int, int]:
-    """Source `key`'s finished examples of `split` for this process, in file order (text 0 of each); the number
-    of them, and the number in the whole split (all processes)."""
+    """Source `key`'s finished examples of `split` for this process in file order (text 0 of each), in chunks;
+    the number of them, and the number in the whole split (all processes)."""
     builder = open_source(key, cfg)
     check_split(builder, split, key)
     total = int(builder.info.splits[split].num_examples)
@@ -730,7 +771,8 @@ def eval_examples(key: str, index: int, cfg: ml_collections.ConfigDict, data_con
     if cfg.in_memory:
         data = _memory(key, cfg.to_json(), data_config.to_json(), split, process_index, process_count, False)
         n = len(data["num_texts"])
-        chunks = tf.data.Dataset.range(0, n, CHUNK).map(lambda p: (p, tf.range(p, tf.minimum(p + CHUNK, n))))
+        chunks = tf.data.Dataset.range(0, n, CHUNK).map(
+            lambda p: (p, tf.range(p, tf.minimum(p + CHUNK, n)), tf.constant(0, tf.int64)))
         return _memory_chunks(ex, data, chunks), n, total
     records, n = _slice_records(builder, split, process_index, process_count)
     return _streamed(ex, records, 0), n, total
@@ -739,3 +781,27 @@ def eval_examples(key: str, index: int, cfg: ml_collections.ConfigDict, data_con
 def num_batches(total: int, process_count: int, batch_size: int) -> int:
     """Eval batches every process runs: ceil(ceil(total / processes) / batch)."""
     return math.ceil(math.ceil(total / process_count) / batch_size)
+
+
+def split_texts(key: str, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+                split: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Every text of every example of `split` (default: the eval split), in file order, cleaned as the pipeline
+    cleans them, and the image_id (or position) of the example each belongs to: ([T] strings, int [T]). Images are
+    not decoded; every process reads the whole split (for retrieval over several captions per image)."""
+    builder = open_source(key, cfg)
+    split = split or cfg.eval_split
+    check_split(builder, split, key)
+    ex = _Example(key, 0, builder, cfg, data_config, describe(key, cfg, data_config), train=False, seed=0,
+                  process_index=0)
+    records, _ = _slice_records(builder, split, 0, 1)
+
+    def parse(position, record):
+        raw = ex.parse(record, with_image=False)
+        image_id = tf.where(raw["image_id"] >= 0, raw["image_id"], tf.cast(position, tf.int32))
+        return raw["texts"], image_id
+
+    texts, image_ids = [], []
+    for example_texts, image_id in records.enumerate().map(parse).as_numpy_iterator():
+        texts += [t.decode("utf-8") for t in example_texts]
+        image_ids += [int(image_id)] * len(example_texts)
+    return texts, np.asarray(image_ids, np.int32)

@@ -91,6 +91,14 @@ class Tokenizer:
         rows = [[int(i) for i in row if int(i) not in drop] for row in ids]
         return self._tok.decode_batch(rows, skip_special_tokens=True)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes this tokenizer as a tokenizer.json that `from_path` reads back."""
+        self._tok.save(os.fspath(path))
+
+    def vocab(self) -> dict[str, int]:
+        """token -> id, special tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def continuation_table(self) -> np.ndarray:
         """bool [vocab_size]: True for WordPiece continuation pieces ("##..."), which never start a word."""
         table = np.zeros(self.vocab_size, bool)

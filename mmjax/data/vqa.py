@@ -14,8 +14,8 @@ Files per split (the VQAv2 formats; other keys are ignored):
   "data_subtype": "train2014"}` (`data_subtype` is only needed by the default image pattern);
 * annotations json (optional, e.g. for a test split): `{"annotations": [{"question_id": int, "image_id": int,
   "answers": [{"answer": str, "answer_confidence": str, "answer_id": int}, ... (10 in VQAv2)],
-  "multiple_choice_answer": str, "answer_type": str, "question_type": str}, ...]}`; only `question_id`,
-  `image_id` and the `answer`s are read; annotations of questions not in the questions file are ignored;
+  "multiple_choice_answer": str, "answer_type": str, "question_type": str}, ...]}`; `question_id`,
+  `image_id`, the `answer`s and the (optional) types are read; annotations of questions not in the questions file are ignored;
 * an image folder + `image_pattern`, a str.format pattern over `image_id` and `coco_split` (= the questions
   file's `data_subtype`). Default "COCO_{coco_split}_{image_id:012d}.jpg", VQAv2/COCO's names; e.g.
   "{image_id}.png" for easy-vqa. Images must be JPEG, PNG or BMP and are fully decoded with PIL at build time.
@@ -42,7 +42,9 @@ question about it):
 
 * `image` (the file's bytes, decoded to uint8 [H, W, 3] when read), `image_id` int64, `question_id` int64,
   `question` Text;
-* `answers`: Sequence(Text), the normalised annotator answers (empty without annotations);
+* `answers`: Sequence(Text), the normalised annotator answers (empty without annotations); `raw_answers` the same
+  answers as the annotation file gives them (the official evaluator compares predictions with these),
+  `answer_type` and `question_type` ("" where the annotations have none);
 * `answer_ids` Sequence(int32) and `answer_scores` Sequence(float32): parallel, the distinct in-vocabulary
   answers in class-id order and their soft scores.
 
@@ -69,10 +71,12 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 from mmjax.data import image_text as it  # first: it sets TF_CPP_MIN_LOG_LEVEL before TF loads
 from mmjax.data.local_builder import LocalBuilder
+from mmjax.evaluation.vqa import normalize_answer
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -80,78 +84,6 @@ from absl import logging
 
 DEFAULT_IMAGE_PATTERN = "COCO_{coco_split}_{image_id:012d}.jpg"
 DEFAULT_VOCAB_SIZE = 3129
-
-# ----------------------------------------------------------------------------------------------- normalisation
-# The tables and regular expressions of the official VQA evaluation (github.com/GT-Vision-Lab/VQA,
-# PythonEvaluationTools/vqaEvaluation/vqaEval.py), verbatim.
-
-CONTRACTIONS: dict[str, str] = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
-    "youve": "you've",
-}
-NUMBER_WORDS: dict[str, str] = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-ARTICLES: tuple[str, ...] = ("a", "an", "the")
-PUNCTUATION: tuple[str, ...] = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                                "@", "`", ",", "?", "!")
-# Sic: "(?!<=\d)" is a negative lookahead (not the intended lookbehind), so the official code drops every period
-# not followed by a digit ("2.5" keeps its period, "dog." loses it). Reproduced as is.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def process_punctuation(text: str) -> str:
-    """The official `processPunctuation`."""
-    out = text
-    for p in PUNCTUATION:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    # The official call passes re.UNICODE as `count` (= 32 replacements at most); kept for fidelity.
-    return _PERIOD_STRIP.sub("", out, re.UNICODE)
-
-
-def process_digit_article(text: str) -> str:
-    """The official `processDigitArticle`: lowercase, number words -> digits, no articles, contractions."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    words = [w for w in words if w not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
-
-
-def normalize_answer(answer: str) -> str:
-    """An answer as the official VQA evaluation compares it ("Two" -> "2", "the dog." -> "dog")."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
-
 
 # ----------------------------------------------------------------------------------------------- vocabulary
 
@@ -314,7 +246,10 @@ def _attach_answers(by_qid: dict[int, dict], annotations_path: str, questions_pa
                                               f"question has image_id {by_qid[qid]['image_id']}")
             bad.add(qid)
         else:
-            answers[qid] = [normalize_answer(x["answer"]) for x in a["answers"]]
+            answers[qid] = dict(answers=[normalize_answer(x["answer"]) for x in a["answers"]],
+                                raw_answers=[x["answer"] for x in a["answers"]],
+                                answer_type=str(a.get("answer_type", "")),
+                                question_type=str(a.get("question_type", "")))
     kept = {}
     for qid, ex in by_qid.items():
         if qid in bad:
@@ -323,7 +258,7 @@ def _attach_answers(by_qid: dict[int, dict], annotations_path: str, questions_pa
             report.bad("missing_annotation", qid, f"{questions_path}: question_id {qid} (image_id "
                                                   f"{ex['image_id']}) has no annotation in {annotations_path}")
         else:
-            kept[qid] = dict(ex, answers=answers[qid])
+            kept[qid] = dict(ex, **answers[qid])
     return kept
 
 
@@ -399,6 +334,9 @@ class MmjaxVqa(LocalBuilder):
                 "question_id": np.int64,
                 "question": tfds.features.Text(),
                 "answers": tfds.features.Sequence(tfds.features.Text()),
+                "raw_answers": tfds.features.Sequence(tfds.features.Text()),
+                "answer_type": tfds.features.Text(),
+                "question_type": tfds.features.Text(),
                 "answer_ids": tfds.features.Sequence(np.int32),
                 "answer_scores": tfds.features.Sequence(np.float32),
             }),
@@ -421,6 +359,9 @@ class MmjaxVqa(LocalBuilder):
                 "question_id": ex["question_id"],
                 "question": ex["question"],
                 "answers": answers,
+                "raw_answers": ex.get("raw_answers", []),
+                "answer_type": ex.get("answer_type", ""),
+                "question_type": ex.get("question_type", ""),
                 "answer_ids": np.asarray(ids, np.int32),
                 "answer_scores": np.asarray(scores, np.float32),
             }
@@ -522,3 +463,64 @@ def write_easy_vqa_as_vqav2(out_dir: str, split: str = "train", limit: int | Non
     it.write_json(files["questions"], {"data_subtype": subtype, "questions": questions})
     it.write_json(files["annotations"], {"data_subtype": subtype, "annotations": annotations})
     return files
+
+
+class EasyVqaQuestions(MmjaxVqa):
+    """The `easy-vqa` package's questions (13 answers) in this builder's format, built offline on first use: the
+    embedded VQA data. Source name `easy_vqa_questions`, splits train (38,575 questions on 4,000 images) and test
+    (9,673 on 1,000); the images are the embedded dataset's. Its tokenizer is the embedded dataset's (the same
+    corpus, trained the same way: the same ids), so a model pretrained on easy_vqa_captions reads its questions
+    with the words it learned."""
+
+    BUILDER_CONFIGS = [VqaConfig(name="default", tokenizer_vocab_size=0)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # Beside the VQA features, each image's object box and class from the embedded dataset, so region models
+        # (UNITER, ViLBERT) get regions made from the pixels (a source's regions_from_boxes).
+        from mmjax.data import easy_vqa_captions  # pylint: disable=import-outside-toplevel
+
+        info = super()._info()
+        features = dict(info.features)
+        features.update(bbox=tfds.features.BBoxFeature(),
+                        label=tfds.features.ClassLabel(names=easy_vqa_captions.CLASS_NAMES))
+        return tfds.core.DatasetInfo(builder=self, description=info.description,
+                                     features=tfds.features.FeaturesDict(features), disable_shuffling=True)
+
+    def _images(self, split: str) -> list[dict]:
+        """The embedded dataset's measured examples of `split` (measured once per build: ~5 s per 1,000)."""
+        from mmjax.data import easy_vqa_captions  # pylint: disable=import-outside-toplevel
+
+        cache = self.__dict__.setdefault("_images_cache", {})
+        if split not in cache:
+            cache[split] = easy_vqa_captions.load_split_examples(split)
+        return cache[split]
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        objects = {ex["image_id"]: ex for ex in self._images(split)}  # the questions' images, by id
+        for key, example in super()._generate_examples(split):
+            image = objects[example["image_id"]]
+            yield key, dict(example, bbox=image["bbox"], label=image["label"])
+
+    def _make_plan(self) -> Plan:
+        files = tempfile.mkdtemp(prefix="easy_vqa_questions_")  # VQAv2-format json, then built as any other
+        splits = {"train": write_easy_vqa_as_vqav2(files, "train"), "test": write_easy_vqa_as_vqav2(files, "test")}
+        return plan_vqa(dataclasses.replace(self.builder_config, splits=splits))
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        from mmjax.data import easy_vqa_captions  # pylint: disable=import-outside-toplevel
+        from mmjax.data.tokenizer import train_wordpiece  # pylint: disable=import-outside-toplevel
+
+        train_wordpiece(easy_vqa_captions.tokenizer_corpus(self._images("train")), self.data_dir)
+        self.__dict__.pop("_images_cache", None)  # ~60 MB of decoded images
+
+
+def easy_vqa_source_config(**overrides):
+    """The embedded VQA questions as a data source (kind "vqa", eval split test, held in memory); keyword
+    arguments override source fields."""
+    from mmjax import configlib  # pylint: disable=import-outside-toplevel
+    from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+
+    defaults = dict(name="easy_vqa_questions", kind="vqa", prepare=True, eval_split="test", id_key="image_id",
+                    label_key="label", regions_from_boxes=dict(box_key="bbox", crop=8, grid=2), in_memory=True)
+    return configlib.override(sources.source_config(**defaults), overrides, "the easy_vqa_questions source")

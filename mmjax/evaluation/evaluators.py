@@ -12,33 +12,51 @@ What an evaluator needs to know about the data (class names, prompts, attribute 
 the pipeline's DatasetMeta.
 
     zero_shot   accuracy of classifying the images by their nearest class-prompt embedding (dual encoders)
-    retrieval   image->text and text->image recall@K, identical captions counting as the same (dual encoders)
+    retrieval   image->text and text->image recall@K (dual encoders): each image's first caption or all of them,
+                identical captions counting as the same or not
+    itm_retrieval  the same recall for single-stream models, ranked by ITM score (exhaustive, or re-ranking a
+                dual encoder's top k_test)
     itm         image-text matching accuracy on true pairs, random mismatches and each one-attribute mismatch
     mlm         masked-token accuracy, overall and on each attribute's words
     mrc         masked-region classification accuracy (region models), and on regions whose class is an object
+    vqa         the official VQA accuracy (mmjax/evaluation/vqa.py) of the top answer, by answer type; predictions
+                written in the official results format ([{"question_id", "answer"}]) into the run's directory
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 from ml_collections import config_dict
 
 from mmjax import configlib, objectives, sharding
 from mmjax.data import pipeline
-from mmjax.evaluation import retrieval, zero_shot
+from mmjax.evaluation import report, retrieval, vqa, zero_shot
+
+SAMPLES = 12  # predictions an evaluator keeps for the report
 
 # Each kind's own fields and defaults (beside kind, every_steps, batch_size, data).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "zero_shot": {},
-    "retrieval": dict(ks=(1, 5, 10)),
+    # captions: "first" (each image's first caption) | "all" (every caption: COCO / Flickr30k's protocol);
+    # same_text_matches: an identical caption counts as the image's own (the embedded data's repeated sentences).
+    "retrieval": dict(ks=(1, 5, 10), captions="first", same_text_matches=True, chunk=1024),
+    # Single-stream models ranked by their ITM score: exhaustively, or the first stage's top k_test re-ranked
+    # (ALBEF / BLIP). first_stage: a dual-encoder training run's workdir (its latest checkpoint), or None.
+    "itm_retrieval": dict(ks=(1, 5, 10), captions="first", same_text_matches=True, first_stage=None, k_test=16,
+                          max_images=None),
     "itm": {},
     "mlm": dict(mask_prob=0.15, whole_word=False),
     "mrc": dict(mask_prob=0.15),
+    "vqa": {},
 }
 
 
@@ -57,14 +75,15 @@ class Evaluator:
     """Shared by every kind: the data it reads and the one-pass loop over it."""
 
     def __init__(self, name: str, cfg: ml_collections.ConfigDict, *, model: Any, config: Any, meta: Any,
-                 tokenizer: Any, mesh: Mesh):
+                 tokenizer: Any, mesh: Mesh, out_dir: str | None = None):
         self.name, self.cfg, self.model, self.config, self.meta = name, cfg, model, config, meta
-        self.tokenizer, self.mesh = tokenizer, mesh
+        self.tokenizer, self.mesh, self.out_dir = tokenizer, mesh, out_dir
         self.every_steps = int(cfg.every_steps)
         if self.every_steps < 1:
             raise ValueError(f"evals.{name}.every_steps must be >= 1; got {cfg.every_steps}")
         self.source = cfg.data.source or meta.eval_source
         self.source_meta = meta.source(self.source)
+        self.samples: list = []  # report.Sample of the last run, for evaluators that keep some
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """One ordered pass over the evaluated split, as global numpy batches (every process sees all rows)."""
@@ -84,8 +103,8 @@ class Evaluator:
         shard = sharding.batch_sharding(self.mesh)
         return {k: jax.device_put(np.asarray(v), shard) for k, v in batch.items()}
 
-    def run(self, params: Any) -> dict[str, float]:
-        """{metric: value} of the model with `params`."""
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """{metric: value} of the model with `params` (at train step `step`, for files an evaluator writes)."""
         raise NotImplementedError
 
 
@@ -104,6 +123,50 @@ class _Sums:
         return {k: s[0] / max(s[1], 1.0) for k, s in self.totals.items()}
 
 
+class _RetrievalSet(Evaluator):
+    """The evaluated images and their texts: each image's first caption, or every caption of the split."""
+
+    def images_and_texts(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(images: the model inputs but text, image_id; texts: text_ids, text_mask, image_of_text, keys)."""
+        rows: dict[str, list] = {}
+        first_ids, first_mask = [], []
+        for batch in self.batches():
+            real = batch["mask"] > 0
+            for key in [k for k in self.meta.model_keys if not k.startswith("text_")] + ["image_id"]:
+                rows.setdefault(key, []).append(batch[key][real])
+            first_ids.append(batch["text_ids"][real])
+            first_mask.append(batch["text_mask"][real])
+        images = {k: np.concatenate(v) for k, v in rows.items()}
+        if self.cfg.captions == "first":
+            ids, mask = np.concatenate(first_ids), np.concatenate(first_mask)
+            image_of_text = np.arange(len(ids))
+        elif self.cfg.captions == "all":
+            from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+
+            texts, text_image_ids = sources.split_texts(
+                self.source, pipeline.source_config_of(self.config.data, self.source), self.config.data,
+                self.cfg.data.split)
+            index = {int(i): n for n, i in enumerate(images["image_id"])}
+            if len(index) != len(images["image_id"]):
+                raise ValueError(f"evals.{self.name}: captions='all' needs unique image ids (data.sources."
+                                 f"{self.source}.id_key)")
+            image_of_text = np.array([index[int(i)] for i in text_image_ids])
+            ids, mask = self.tokenizer.encode(texts, self.config.data.max_len)
+        else:
+            raise ValueError(f"evals.{self.name}.captions must be 'first' or 'all'; got {self.cfg.captions!r}")
+        keys = retrieval.caption_keys(ids) if self.cfg.same_text_matches else None
+        return images, {"text_ids": ids, "text_mask": mask, "image_of_text": image_of_text, "keys": keys}
+
+    def recall(self, i2t: np.ndarray, t2i: np.ndarray, texts: dict) -> dict[str, float]:
+        """R@k both ways from rankings, the chance level of i2t R@1, and the set's sizes."""
+        metrics = retrieval.recall_from_rankings(i2t, t2i, texts["image_of_text"], tuple(self.cfg.ks),
+                                                 texts["keys"])
+        if self.cfg.captions == "first" and texts["keys"] is not None:
+            metrics["i2t_r@1_chance"] = retrieval.chance_recall(texts["keys"], 1)
+        metrics.update(num_images=float(len(i2t)), num_texts=float(len(t2i)))
+        return metrics
+
+
 class _DualEncoderEvaluator(Evaluator):
     """Embeds the evaluated images and captions with a dual encoder's encode_image / encode_text."""
 
@@ -119,23 +182,31 @@ class _DualEncoderEvaluator(Evaluator):
         self._encode_text = jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"),
                                     out_shardings=replicated)
 
-    def embeddings(self, params: Any) -> dict[str, np.ndarray]:
-        """image / text embeddings, text_ids and (when the source has them) labels of the real examples."""
-        out: dict[str, list] = {"image": [], "text": [], "text_ids": [], "label": []}
+    def image_embeddings(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of the evaluated images and their labels (the real rows)."""
+        embeds, labels = [], []
         for batch in self.batches():
             real = batch["mask"] > 0
-            arrays = self._put({k: batch[k] for k in ("image", "text_ids", "text_mask")})
-            out["image"].append(np.asarray(self._encode_image(params, arrays["image"]))[real])
-            out["text"].append(np.asarray(self._encode_text(params, arrays["text_ids"], arrays["text_mask"]))[real])
-            out["text_ids"].append(batch["text_ids"][real])
-            if "label" in batch:
-                out["label"].append(batch["label"][real])
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+            embeds.append(np.asarray(self._encode_image(params, self._put({"x": batch["image"]})["x"]))[real])
+            labels.append(batch["label"][real])
+        return np.concatenate(embeds), np.concatenate(labels)
 
     def encode_texts(self, params: Any, texts: list[str]) -> np.ndarray:
         """Unit text embeddings [N, E] of `texts` (tokenized at data.max_len)."""
         ids, mask = self.tokenizer.encode(texts, self.config.data.max_len)
-        return np.asarray(self._encode_text(params, ids, mask))
+        return self.encode_in_batches(params, "text", ids, mask)
+
+    def encode_in_batches(self, params: Any, what: str, *arrays: np.ndarray) -> np.ndarray:
+        """Embeddings of host arrays ("image": images; "text": ids, mask), batch_size rows at a time on the mesh."""
+        b, n = int(self.cfg.batch_size), len(arrays[0])
+        fn = self._encode_image if what == "image" else self._encode_text
+        out = []
+        for start in range(0, n, b):
+            block = [np.pad(a[start:start + b], [(0, b - len(a[start:start + b]))] + [(0, 0)] * (a.ndim - 1))
+                     for a in arrays]
+            put = self._put({str(i): x for i, x in enumerate(block)})
+            out.append(np.asarray(fn(params, *put.values()))[:min(b, n - start)])
+        return np.concatenate(out)
 
 
 class ZeroShotEvaluator(_DualEncoderEvaluator):
@@ -147,28 +218,126 @@ class ZeroShotEvaluator(_DualEncoderEvaluator):
             raise ValueError(f"evals.{self.name} (zero_shot) needs classes and prompts: data.sources."
                              f"{self.source}.label_key and .prompts")
 
-    def run(self, params: Any) -> dict[str, float]:
-        """accuracy, chance (1 / classes) and num_examples."""
-        emb = self.embeddings(params)
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """accuracy (top-1), top5 (with more than 5 classes), chance (1 / classes) and num_examples."""
+        image_embeds, labels = self.image_embeddings(params)
         names, templates = self.source_meta.class_names, self.source_meta.prompts
         prompts = [t.format(name) for name in names for t in templates]
         prompt_embeds = self.encode_texts(params, prompts).reshape(len(names), len(templates), -1)
         class_embeds = zero_shot.class_embeddings(prompt_embeds)
-        return {"accuracy": zero_shot.zero_shot_accuracy(emb["image"], class_embeds, emb["label"]),
-                "chance": 1.0 / len(names), "num_examples": float(len(emb["label"]))}
-
-
-class RetrievalEvaluator(_DualEncoderEvaluator):
-    """Image<->text recall@K, an image counting as found for any caption identical to its own."""
-
-    def run(self, params: Any) -> dict[str, float]:
-        """i2t_r@K, t2i_r@K, i2t_r@1_chance and num_examples."""
-        emb = self.embeddings(params)
-        keys = retrieval.caption_keys(emb["text_ids"])
-        metrics = retrieval.retrieval_recall(emb["image"], emb["text"], keys, tuple(self.cfg.ks))
-        metrics["i2t_r@1_chance"] = retrieval.chance_recall(keys, 1)
-        metrics["num_examples"] = float(len(keys))
+        metrics = {"accuracy": zero_shot.zero_shot_accuracy(image_embeds, class_embeds, labels),
+                   "chance": 1.0 / len(names), "num_examples": float(len(labels))}
+        if len(names) > 5:
+            metrics["top5"] = zero_shot.top_k_accuracy(image_embeds, class_embeds, labels, 5)
         return metrics
+
+
+class RetrievalEvaluator(_DualEncoderEvaluator, _RetrievalSet):
+    """Image<->text recall@K of a dual encoder's embeddings (ranked on device in chunks)."""
+
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """i2t_r@K, t2i_r@K (and i2t_r@1_chance for first captions), num_images, num_texts."""
+        images, texts = self.images_and_texts()
+        image_embeds = self.encode_in_batches(params, "image", images["image"])
+        text_embeds = self.encode_in_batches(params, "text", texts["text_ids"], texts["text_mask"])
+        k, chunk = max(self.cfg.ks), int(self.cfg.chunk)
+        i2t = retrieval.top_k(image_embeds, text_embeds, k, chunk)
+        t2i = retrieval.top_k(text_embeds, image_embeds, k, chunk)
+        return self.recall(i2t, t2i, texts)
+
+
+class ITMRetrievalEvaluator(_RetrievalSet):
+    """Image<->text recall@K of a single-stream model ranked by its ITM score (logit of "match" minus "no match"):
+    every pair (exhaustive), or the k_test best of a first-stage dual encoder re-ranked, the rest after them in
+    the first stage's order (ALBEF / BLIP's protocol)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._forward = self._jit_outputs(("itm_logits",))
+        self.first_stage = _load_dual_encoder(self.cfg.first_stage) if self.cfg.first_stage else None
+
+    def scores(self, params: Any, images: dict, texts: dict, pairs: np.ndarray) -> np.ndarray:
+        """ITM scores [P] of (image, text) index pairs [P, 2], batch_size pairs at a time."""
+        b = int(self.cfg.batch_size)
+        out = []
+        for start in range(0, len(pairs), b):
+            block = pairs[start:start + b]
+            n = len(block)
+            block = np.pad(block, ((0, b - n), (0, 0)))  # one shape: one compilation
+            batch = {k: v[block[:, 0]] for k, v in images.items() if k != "image_id"}
+            text = (texts["text_ids"][block[:, 1]], texts["text_mask"][block[:, 1]])
+            rows = objectives.model_inputs(batch, self.meta.model_keys, text)
+            logits = np.asarray(self._forward(params, self._put(rows))["itm_logits"])
+            out.append((logits[:, 1] - logits[:, 0])[:n])
+        return np.concatenate(out)
+
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """i2t_r@K, t2i_r@K (and i2t_r@1_chance for first captions), num_images, num_texts."""
+        images, texts = self.images_and_texts()
+        if self.cfg.max_images:
+            keep = np.arange(min(int(self.cfg.max_images), len(images["image_id"])))
+            images = {k: v[keep] for k, v in images.items()}
+            chosen = np.isin(texts["image_of_text"], keep)
+            texts = {k: (v[chosen] if v is not None else None) for k, v in texts.items()}
+        n_img, n_txt = len(images["image_id"]), len(texts["text_ids"])
+        k = max(self.cfg.ks)
+        if self.first_stage is None:  # exhaustive: every pair
+            pairs = np.stack(np.meshgrid(np.arange(n_img), np.arange(n_txt), indexing="ij"), -1).reshape(-1, 2)
+            score = self.scores(params, images, texts, pairs).reshape(n_img, n_txt)
+            i2t = np.argsort(-score, axis=1, kind="stable")[:, :k]
+            t2i = np.argsort(-score.T, axis=1, kind="stable")[:, :k]
+            return self.recall(i2t, t2i, texts)
+        k_test = int(self.cfg.k_test)
+        sim_rank_i2t, sim_rank_t2i = self.first_stage.rankings(images, texts, max(k, k_test))
+        i2t = self._rerank(params, images, texts, sim_rank_i2t, k_test, k, image_queries=True)
+        t2i = self._rerank(params, images, texts, sim_rank_t2i, k_test, k, image_queries=False)
+        return self.recall(i2t, t2i, texts)
+
+    def _rerank(self, params, images, texts, ranking, k_test, k, *, image_queries: bool) -> np.ndarray:
+        """Each query's first k_test candidates sorted by ITM score, the rest in first-stage order; [Q, k]."""
+        top = ranking[:, :k_test]
+        queries = np.repeat(np.arange(len(top)), top.shape[1])
+        pairs = np.stack([queries, top.reshape(-1)] if image_queries else [top.reshape(-1), queries], -1)
+        score = self.scores(params, images, texts, pairs).reshape(top.shape)
+        order = np.argsort(-score, axis=1, kind="stable")
+        return np.concatenate([np.take_along_axis(top, order, axis=1), ranking[:, k_test:]], axis=1)[:, :k]
+
+
+class _FirstStage:
+    """A dual-encoder run used to rank candidates for re-ranking (its config.json, its latest checkpoint)."""
+
+    def __init__(self, model: Any, params: Any, image_size: int):
+        self.model, self.params, self.image_size = model, params, image_size
+        self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+        self._text = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="encode_text"))
+
+    def rankings(self, images: dict, texts: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's k best texts and each text's k best images, by the dual encoder's similarity."""
+        pixels = images["image"]
+        if pixels.shape[1] != self.image_size:  # the first stage reads the same images at its own size
+            pixels = np.asarray(jax.image.resize(pixels, (len(pixels), self.image_size, self.image_size, 3),
+                                                 "bilinear", antialias=True))
+        img = np.concatenate([np.asarray(self._image(self.params, pixels[i:i + 256]))
+                              for i in range(0, len(pixels), 256)])
+        txt = np.concatenate([np.asarray(self._text(self.params, texts["text_ids"][i:i + 256],
+                                                    texts["text_mask"][i:i + 256]))
+                              for i in range(0, len(texts["text_ids"]), 256)])
+        return retrieval.top_k(img, txt, k), retrieval.top_k(txt, img, k)
+
+
+def _load_dual_encoder(workdir: str) -> _FirstStage:
+    """The first-stage ranker of itm_retrieval: a dual-encoder run's model and latest parameters."""
+    from mmjax import pretrained  # pylint: disable=import-outside-toplevel
+    from mmjax.models import build_model  # pylint: disable=import-outside-toplevel
+
+    ckpt = pretrained.load_checkpoint(workdir)
+    model = build_model(ckpt.model_config)
+    if not hasattr(model, "encode_image"):
+        raise ValueError(f"itm_retrieval.first_stage: {workdir} holds a {ckpt.model_config.get('name')} model, not "
+                         f"a dual encoder")
+    with open(os.path.join(workdir, "config.json")) as f:
+        image_size = int(json.load(f)["data"]["image_size"])
+    return _FirstStage(model, ckpt.params, image_size)
 
 
 class ITMEvaluator(Evaluator):
@@ -179,7 +348,7 @@ class ITMEvaluator(Evaluator):
         super().__init__(*args, **kwargs)
         self._forward = self._jit_outputs(("itm_logits",))
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc_true, acc_random, acc_other_NAME; acc (true and random balanced); acc_hard (true and the
         one-attribute mismatches balanced), when the source has attributes."""
         sums = _Sums()
@@ -224,7 +393,7 @@ class MLMEvaluator(Evaluator):
             ids = self.tokenizer.encode(list(words), 4)[0]
             self._word_ids[name] = ids[ids[:, 2] == self.tokenizer.sep_id, 1]
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc, and acc_NAME_words per attribute."""
         sums = _Sums()
         for i, batch in enumerate(self.batches()):
@@ -252,7 +421,7 @@ class MRCEvaluator(Evaluator):
         self._forward = self._jit_outputs(("mrc_logits",))
         self._mask = jax.jit(lambda k, m: objectives.mask_regions(k, m, float(self.cfg.mask_prob)))
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc over masked regions, and acc_object over masked regions whose majority class is not background."""
         sums = _Sums()
         background = self.source_meta.region_classes - 1
@@ -271,13 +440,79 @@ class MRCEvaluator(Evaluator):
         return sums.means()
 
 
+class VQAEvaluator(Evaluator):
+    """VQA accuracy exactly as the official evaluator computes it, against the human answers of each question
+    (read once from the dataset, by question_id, as the official code reads its annotation file)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.source_meta.answer_vocab or not self.config.data.get("answers"):
+            raise ValueError(f"evals.{self.name} (vqa) needs VQA data: a source of kind 'vqa' and data.answers=True")
+        self.vocab = list(self.source_meta.answer_vocab)
+        self._forward = self._jit_outputs(("vqa_logits",))
+        self._truth: dict[int, tuple[list[str], str]] | None = None
+
+    def truth(self) -> dict[int, tuple[list[str], str]]:
+        """question_id -> (the human answers as annotated, answer type) of the evaluated split."""
+        if self._truth is None:
+            from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+
+            cfg = pipeline.source_config_of(self.config.data, self.source)
+            builder = sources.open_source(self.source, cfg)
+            split = self.cfg.data.split or cfg.eval_split
+            features = builder.info.features
+            raw = "raw_answers" if "raw_answers" in features else "answers"  # older builds: normalised only
+            keys = ["question_id", raw] + (["answer_type"] if "answer_type" in features else [])
+            ds = builder.as_dataset(split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+            ds = ds.map(lambda ex: {k: ex[k] for k in keys})
+            self._truth = {int(ex["question_id"]): ([a.decode() for a in ex[raw]],
+                                                    ex["answer_type"].decode() if "answer_type" in ex else "")
+                           for ex in tfds.as_numpy(ds)}
+        return self._truth
+
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """accuracy (the official VQA accuracy), accuracy by answer type, num_questions, and unanswerable (questions
+        none of whose answers is in the vocabulary: no head can score on them)."""
+        predicted, question_ids, unanswerable, shown = [], [], 0.0, []
+        for batch in self.batches():
+            real = batch["mask"] > 0
+            rows = objectives.model_inputs(batch, self.meta.model_keys, (batch["text_ids"], batch["text_mask"]))
+            logits = np.asarray(self._forward(params, self._put(rows))["vqa_logits"])
+            predicted += [self.vocab[i] for i in np.argmax(logits, -1)[real]]
+            question_ids += [int(q) for q in batch["question_id"][real]]
+            unanswerable += float(np.sum(batch["answers"][real].sum(-1) == 0))
+            if not shown:
+                shown = [(batch["image"][i], batch["text_ids"][i]) for i in np.nonzero(real)[0][:SAMPLES]]
+        truth = self.truth()
+        missing = [q for q in question_ids if q not in truth]
+        if missing:
+            raise ValueError(f"evals.{self.name}: question_ids {missing[:5]} have no annotation")
+        answers, types = zip(*(truth[q] for q in question_ids))
+        scores = vqa.accuracy(predicted, [list(a) for a in answers])
+        metrics = {"accuracy": float(scores.mean()), "num_questions": float(len(scores)),
+                   "unanswerable": unanswerable}
+        for kind in sorted(set(types) - {""}):
+            metrics[f"accuracy_{kind.replace('/', '_').replace(' ', '_')}"] = float(
+                scores[np.asarray(types) == kind].mean())
+        self.samples = [report.Sample(image=image, text=self.tokenizer.decode(ids)[0], predicted=predicted[i],
+                                      truth=collections.Counter(answers[i]).most_common(1)[0][0],
+                                      correct=float(scores[i])) for i, (image, ids) in enumerate(shown)]
+        if self.out_dir and jax.process_index() == 0:
+            name = f"{self.name}_results" + (f"_step{step}" if step is not None else "") + ".json"
+            with open(os.path.join(self.out_dir, name), "w", encoding="utf-8") as f:
+                json.dump([{"question_id": q, "answer": a} for q, a in zip(question_ids, predicted)], f)
+        return metrics
+
+
 EVALUATORS: dict[str, type[Evaluator]] = {"zero_shot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator,
-                                         "itm": ITMEvaluator, "mlm": MLMEvaluator, "mrc": MRCEvaluator}
+                                         "itm": ITMEvaluator, "mlm": MLMEvaluator, "mrc": MRCEvaluator,
+                                         "vqa": VQAEvaluator, "itm_retrieval": ITMRetrievalEvaluator}
 
 
 def build_evaluators(config: Any, *, model: Any, meta: Any, tokenizer: Any, mesh: Mesh,
-                     only: list[str] | None = None) -> dict[str, Evaluator]:
-    """The evaluators of `config.evals` (or the ones named in `only`), in config order."""
+                     only: list[str] | None = None, out_dir: str | None = None) -> dict[str, Evaluator]:
+    """The evaluators of `config.evals` (or the ones named in `only`), in config order; those that write files
+    (VQA predictions) write them into `out_dir`."""
     evals = config.get("evals") or {}
     names = list(evals) if only is None else only
     unknown = [n for n in names if n not in evals]
@@ -291,13 +526,13 @@ def build_evaluators(config: Any, *, model: Any, meta: Any, tokenizer: Any, mesh
         # Rebuilt from the kind's defaults: a config.json from an older run may lack newer fields.
         full = evaluator_config(cfg.kind, **{k: v for k, v in cfg.to_dict().items() if k != "kind"})
         built[name] = EVALUATORS[cfg.kind](name, full, model=model, config=config, meta=meta, tokenizer=tokenizer,
-                                           mesh=mesh)
+                                           mesh=mesh, out_dir=out_dir)
     return built
 
 
-def run_evaluators(evaluators: dict[str, Evaluator], params: Any) -> dict[str, float]:
+def run_evaluators(evaluators: dict[str, Evaluator], params: Any, step: int | None = None) -> dict[str, float]:
     """Every evaluator's metrics, prefixed with its name ("itm/acc_true")."""
     metrics = {}
     for name, evaluator in evaluators.items():
-        metrics.update({f"{name}/{k}": float(v) for k, v in evaluator.run(params).items()})
+        metrics.update({f"{name}/{k}": float(v) for k, v in evaluator.run(params, step).items()})
     return metrics

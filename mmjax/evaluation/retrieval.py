@@ -1,14 +1,21 @@
-"""Image-text retrieval recall@K where identical captions count as the same caption.
+"""Image-text retrieval recall@K, as the benchmarks define it, and with identical captions counting as the same.
 
-On caption data with many repeated sentences, an image's own caption is not the only correct answer: any caption
-string identical to it is equally right. Correctness is therefore judged by a caption key (equal keys = identical
-captions), not by index.
+Benchmarks (COCO, Flickr30k: 5 captions per image, each caption belongs to one image): an image is found at k when
+any of its captions is among its k most similar texts (i2t); a caption when its image is among its k most similar
+images (t2i). `recall(similarity, image_of_text, ks)`. Rankings are by similarity, ties going to the lower index
+(a stable sort), and are computed on device in chunks (`top_k`), so 5,000 x 25,000 needs chunk x 25,000 floats.
+
+On caption data with many repeated sentences (the embedded dataset), an image's own caption is not the only right
+answer: any caption identical to one of the image's is equally right. Pass `text_keys` (equal keys = identical
+captions; `caption_keys`) and a text counts as relevant to every image that has a caption with its key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -16,34 +23,6 @@ def caption_keys(text_ids: np.ndarray) -> np.ndarray:
     """Integer key per caption such that equal token sequences (identical captions) get equal keys."""
     _, keys = np.unique(np.asarray(text_ids), axis=0, return_inverse=True)
     return keys.reshape(-1)
-
-
-def _recall_at(similarity: np.ndarray, query_keys: np.ndarray, target_keys: np.ndarray,
-               ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of queries whose top-k targets contain one with the query's key."""
-    k_max = min(max(ks), similarity.shape[1])
-    # argpartition then sort only the top k_max: O(N) per row instead of a full sort.
-    top = np.argpartition(-similarity, k_max - 1, axis=1)[:, :k_max]
-    order = np.take_along_axis(similarity, top, axis=1).argsort(axis=1)[:, ::-1]
-    top = np.take_along_axis(top, order, axis=1)
-    hits = target_keys[top] == query_keys[:, None]
-    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
-
-
-def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, keys: np.ndarray,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """R@K for image->text and text->image; pair i is (image i, caption i) and `keys` groups identical captions."""
-    image_embeds = np.asarray(image_embeds, np.float32)
-    text_embeds = np.asarray(text_embeds, np.float32)
-    keys = np.asarray(keys)
-    if not (len(image_embeds) == len(text_embeds) == len(keys)):
-        raise ValueError("image_embeds, text_embeds and keys must have the same length")
-    sim = image_embeds @ text_embeds.T
-    i2t = _recall_at(sim, keys, keys, ks)
-    t2i = _recall_at(sim.T, keys, keys, ks)
-    out = {f"i2t_r@{k}": v for k, v in i2t.items()}
-    out.update({f"t2i_r@{k}": v for k, v in t2i.items()})
-    return out
 
 
 def chance_recall(keys: np.ndarray, k: int = 1) -> float:
@@ -56,3 +35,56 @@ def chance_recall(keys: np.ndarray, k: int = 1) -> float:
     for j in range(k):
         miss *= np.clip((n - counts - j) / (n - j), 0.0, 1.0)
     return float((1.0 - miss).mean())
+
+
+def top_k(queries: np.ndarray, targets: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Indices [Q, k'] (k' = min(k, T)) of each query's most similar targets by dot product, best first, ties to
+    the lower index; computed on device `chunk` queries at a time (memory chunk x T)."""
+    queries, targets = np.asarray(queries, np.float32), np.asarray(targets, np.float32)
+    k = min(k, len(targets))
+    table = jnp.asarray(targets)
+    fn = jax.jit(lambda q: jax.lax.top_k(q @ table.T, k)[1])
+    out = []
+    for start in range(0, len(queries), chunk):
+        block = queries[start:start + chunk]
+        padded = np.pad(block, ((0, chunk - len(block)), (0, 0)))  # one shape: one compilation
+        out.append(np.asarray(fn(padded))[:len(block)])
+    return np.concatenate(out) if out else np.zeros((0, k), np.int32)
+
+
+def _owners(image_of_text: np.ndarray, text_keys: np.ndarray | None, num_images: int):
+    """fn(images [..], texts [..]) -> whether each text is relevant to each image (same shape)."""
+    image_of_text = np.asarray(image_of_text)
+    if text_keys is None:
+        return lambda images, texts: image_of_text[texts] == images
+    text_keys = np.asarray(text_keys)
+    owns = np.zeros((num_images, int(text_keys.max()) + 1), bool)  # image i has a caption with key k
+    owns[image_of_text, text_keys] = True
+    return lambda images, texts: owns[images, text_keys[texts]]
+
+
+def recall_from_rankings(i2t: np.ndarray, t2i: np.ndarray, image_of_text: np.ndarray, ks: Sequence[int],
+                         text_keys: np.ndarray | None = None) -> dict[str, float]:
+    """R@k both ways from each image's ranked texts i2t [I, >= max k] and each text's ranked images t2i [T, ...]."""
+    relevant = _owners(image_of_text, text_keys, len(i2t))
+    images = np.arange(len(i2t))[:, None]
+    hits_i2t = relevant(np.broadcast_to(images, i2t.shape), i2t)
+    hits_t2i = relevant(t2i, np.broadcast_to(np.arange(len(t2i))[:, None], t2i.shape))
+    out = {f"i2t_r@{k}": float(hits_i2t[:, :k].any(axis=1).mean()) for k in ks}
+    out.update({f"t2i_r@{k}": float(hits_t2i[:, :k].any(axis=1).mean()) for k in ks})
+    return out
+
+
+def recall(similarity: np.ndarray, image_of_text: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+           text_keys: np.ndarray | None = None) -> dict[str, float]:
+    """{"i2t_r@k", "t2i_r@k"} of a similarity matrix [num_images, num_texts], text t belonging to image
+    image_of_text[t] (and, with text_keys, to every image with a caption of its key); ties to the lower index."""
+    similarity = np.asarray(similarity)
+    image_of_text = np.asarray(image_of_text)
+    if image_of_text.shape != (similarity.shape[1],):
+        raise ValueError(f"image_of_text has shape {image_of_text.shape}; the similarity has "
+                         f"{similarity.shape[1]} texts")
+    k = max(ks)
+    i2t = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    t2i = np.argsort(-similarity.T, axis=1, kind="stable")[:, :k]
+    return recall_from_rankings(i2t, t2i, image_of_text, ks, text_keys)

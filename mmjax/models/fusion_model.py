@@ -53,7 +53,7 @@ bottleneck, ...) are sown as intermediates["fusion_extras"] (apply with mutable=
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -97,6 +97,7 @@ class FusionModel(nn.Module):
     fusion_args: Mapping[str, Any] = flax.core.FrozenDict()  # that block's fields (width defaults to text width)
     mlm_head: bool = True
     itm_head: bool = True
+    vqa_labels: Optional[int] = None  # an answer classifier (VQA) on the pooled output with this many answers
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
@@ -245,6 +246,10 @@ class FusionModel(nn.Module):
             result[f"{m}_tokens"] = layers.constrain(fused[m])
             if self.tower(m)[0].mask_input is None:  # the batch does not carry this mask already
                 result[f"{m}_mask"] = masks[m]
+        if self.vqa_labels is not None:
+            answers = heads.AnswerClassifier(self.vqa_labels, dtype=self.dtype, param_dtype=self.param_dtype,
+                                             name="vqa_head")
+            result["vqa_logits"] = answers(pooled).astype(jnp.float32)
         if self.itm_head:
             if isinstance(block, fusion_lib.LateFusion):
                 result["itm_logits"] = out["logits"].astype(jnp.float32)  # decision-level fusion: the block's own

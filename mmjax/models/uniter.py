@@ -65,6 +65,7 @@ class UNITER(nn.Module):
     type_vocab_size: int = 2  # shared type table: text token types, and row 1 for regions
     mlm_head: bool = True
     itm_head: bool = True
+    vqa_labels: Optional[int] = None  # an answer classifier (VQA) on the pooled output with this many answers
     mrfr_head: bool = True
     mrc_head: bool = True
     remat: bool = False
@@ -170,6 +171,9 @@ class UNITER(nn.Module):
         transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.itm_head:
             out["itm_logits"] = heads.itm_logits(pooled, **dt)
+        if self.vqa_labels is not None:
+            out["vqa_logits"] = heads.AnswerClassifier(self.vqa_labels, **dt, name="vqa_head")(pooled).astype(
+                jnp.float32)
         if self.mlm_head:
             out["mlm_logits"] = heads.tied_mlm_logits(self, text_tokens, word_table, **transform)
         if self.mrfr_head:

@@ -79,6 +79,7 @@ class ViLBERT(nn.Module):
     type_vocab_size: int = 2
     mlm_head: bool = True
     itm_head: bool = True
+    vqa_labels: Optional[int] = None  # an answer classifier (VQA) on the pooled output with this many answers
     mrc_head: bool = True
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
@@ -210,6 +211,9 @@ class ViLBERT(nn.Module):
         transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.itm_head:
             out["itm_logits"] = heads.itm_logits(pooled, **dt)
+        if self.vqa_labels is not None:
+            out["vqa_logits"] = heads.AnswerClassifier(self.vqa_labels, **dt, name="vqa_head")(pooled).astype(
+                jnp.float32)
         if self.mlm_head:
             out["mlm_logits"] = heads.tied_mlm_logits(self, text, word_table, **transform)
         if self.mrc_head:

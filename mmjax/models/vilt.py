@@ -30,6 +30,29 @@ from mmjax.models.layers import Array, Dtype, partitioned
 REQUIRED_KEYS = ("image", "text_ids", "text_mask")
 
 
+def hf_positions(table: Array, grid: tuple[int, int], new_grid: tuple[int, int], patch_mask: Array) -> Array:
+    """transformers' ViLT patch positions: the [gh*gw, D] table resized bilinearly with aligned corners to each
+    image's valid patch grid (rows x columns of real patches, from patch_mask [B, nh*nw]), zeros beyond it;
+    -> [B, nh*nw, D] float32. At the training grid with no padding this is the table itself."""
+    (gh, gw), (nh, nw) = grid, new_grid
+    mask = patch_mask.reshape(-1, nh, nw)
+    rows, cols = mask[:, :, 0].sum(axis=1), mask[:, 0, :].sum(axis=1)  # HF: the first column's / row's extent
+
+    def weights(size, n_src, n_out):
+        """[B, n_out, n_src]: output position y of an image `size` long samples the table at y (n_src-1)/(size-1)."""
+        y = jnp.arange(n_out, dtype=jnp.float32)[None]
+        src = y * ((n_src - 1) / jnp.maximum(size[:, None] - 1, 1).astype(jnp.float32))
+        lo = jnp.clip(jnp.floor(src), 0, n_src - 1).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, n_src - 1)
+        frac = src - lo
+        w = (jax.nn.one_hot(lo, n_src) * (1 - frac)[..., None] + jax.nn.one_hot(hi, n_src) * frac[..., None])
+        return w * (y < size[:, None])[..., None]  # beyond the image: zeros (HF pads the positions with 0)
+
+    grid_table = table.reshape(gh, gw, -1).astype(jnp.float32)
+    out = jnp.einsum("bhy,yxd,bwx->bhwd", weights(rows, gh, nh), grid_table, weights(cols, gw, nw))
+    return out.reshape(out.shape[0], nh * nw, -1)
+
+
 class ViLT(nn.Module):
     """Vision-and-Language Transformer: single-stream encoder over [text tokens; image cls + patches].
 
@@ -58,7 +81,10 @@ class ViLT(nn.Module):
     # Cap on image patches (ViLT pretrains with 200): keeps the valid patches first, in random order when a
     # "patches" (or, in training, "dropout") rng is given, else in raster order. None = all patches.
     max_image_len: Optional[int] = None
-    pos_interpolation: str = "bicubic"  # jax.image.resize method for other image sizes
+    # Positions at other image sizes: "hf" = transformers' ViltEmbeddings (bilinear with aligned corners, to each
+    # image's own valid patch grid from its pixel mask, zeros on padding); else a jax.image.resize method applied to
+    # the whole grid ("bicubic").
+    pos_interpolation: str = "bicubic"
     mlm_head: bool = True
     itm_head: bool = True
     mpp_head: bool = False  # also owns the learned [MASK] patch; ViLT found MPP unhelpful, so off by default
@@ -102,12 +128,6 @@ class ViLT(nn.Module):
             # model still knows where the masked patch is.
             x = jnp.where(patch_mask[..., None] > 0, mask_patch.astype(self.dtype), x)
 
-        base_grid = (self.image_size // p,) * 2
-        table = self._param("image_pos_embedding", layers.embed_init, ("length", "embed"),
-                            (1 + base_grid[0] * base_grid[1], self.width))
-        table = layers.interpolate_pos_embedding(table, base_grid, grid, self.pos_interpolation)
-        x = x + table[1:].astype(self.dtype)[None]
-
         if image_mask is None:
             image_mask = jnp.ones((b, n), jnp.int32)
         elif image_mask.shape == (b, h, w):
@@ -117,6 +137,15 @@ class ViLT(nn.Module):
             raise ValueError(f"image_mask must be [B, N] = {(b, n)} or [B, H, W] = {(b, h, w)}; "
                              f"got {image_mask.shape}")
         image_mask = image_mask.astype(jnp.int32)
+
+        base_grid = (self.image_size // p,) * 2
+        table = self._param("image_pos_embedding", layers.embed_init, ("length", "embed"),
+                            (1 + base_grid[0] * base_grid[1], self.width))
+        if self.pos_interpolation == "hf":
+            x = x + hf_positions(table[1:], base_grid, grid, image_mask).astype(self.dtype)
+        else:
+            resized = layers.interpolate_pos_embedding(table, base_grid, grid, self.pos_interpolation)
+            x = x + resized[1:].astype(self.dtype)[None]
 
         patch_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         if self.max_image_len is not None and self.max_image_len < n:

@@ -7,8 +7,9 @@ from typing import Any
 
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.matching import MatchingTask
+from mmjax.tasks.vqa import VQATask
 
-TASKS = {"contrastive": ContrastiveTask, "matching": MatchingTask}
+TASKS = {"contrastive": ContrastiveTask, "matching": MatchingTask, "vqa": VQATask}
 
 
 def get_task(task_config: Any, **kwargs: Any):
