@@ -67,6 +67,6 @@ def test_readme_walkthrough(tmp_path):
     assert len(train_losses) == 3 and all(np.isfinite(train_losses))
     final_eval = [r for r in records if r["kind"] == "eval"][-1]
     evaluated = json.loads(outputs[2].strip().splitlines()[-1])
-    assert evaluated["retrieval/num_examples"] == final_eval["retrieval/num_examples"] >= 1
+    assert evaluated["retrieval/num_images"] == final_eval["retrieval/num_images"] >= 1
     np.testing.assert_allclose(evaluated["retrieval/i2t_r@1"], final_eval["retrieval/i2t_r@1"], atol=1e-6)
     assert json.loads((run / "eval.json").read_text()) == evaluated

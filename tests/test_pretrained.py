@@ -20,18 +20,23 @@ def _tree(seed, shapes):
 def test_graft_replaces_exactly_the_target_subtree():
     params = _tree(0, {"text_encoder": {"w": (3, 4), "b": (4,)}, "image_encoder": {"w": (2, 2)}})
     weights = _tree(1, {"text_encoder": {"w": (3, 4), "b": (4,)}, "pooler": {"w": (4, 4)}})
-    out = pretrained.graft(params, weights, source="text_encoder", target="text_encoder")
+    out, report = pretrained.graft(params, weights, source="text_encoder", target="text_encoder")
+    assert report.loaded == ["b", "w"] and not (report.new or report.skipped or report.unused)
     np.testing.assert_array_equal(out["text_encoder"]["w"], weights["text_encoder"]["w"])
     np.testing.assert_array_equal(out["text_encoder"]["b"], weights["text_encoder"]["b"])
     np.testing.assert_array_equal(out["image_encoder"]["w"], params["image_encoder"]["w"])
-    whole = pretrained.graft(params["text_encoder"], weights["text_encoder"])
+    whole, _ = pretrained.graft(params["text_encoder"], weights["text_encoder"])
     np.testing.assert_array_equal(whole["w"], weights["text_encoder"]["w"])
 
 
 def test_graft_errors_name_the_problem():
     params = _tree(0, {"text_encoder": {"w": (3, 4)}})
-    with pytest.raises(ValueError, match="do not fit.*model \\(3, 4\\), pretrained \\(3, 5\\)"):
+    with pytest.raises(ValueError, match="no parameter of the model .* is in the checkpoint"):
         pretrained.graft(params, _tree(1, {"text_encoder": {"w": (3, 5)}}), "text_encoder", "text_encoder")
+    with pytest.raises(ValueError, match="strict: 1 parameters are not loaded.*w skipped: model \\(3, 4\\), "
+                                         "checkpoint \\(3, 5\\)"):
+        pretrained.graft(params, _tree(1, {"text_encoder": {"w": (3, 5)}}), "text_encoder", "text_encoder",
+                         strict=True)
     with pytest.raises(ValueError, match="init_from.source='bert'.*available: \\['text_encoder'\\]"):
         pretrained.graft(params, params, "bert", "text_encoder")
     with pytest.raises(ValueError, match="not a directory"):
@@ -101,7 +106,7 @@ def test_lit_keeps_the_locked_text_tower_and_evaluate_reproduces_the_final_eval(
         train = [json.loads(line) for line in f if '"train"' in line]
     assert train and all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in train)
     # mmjax.evaluate on the run's workdir gives the trainer's final eval.
-    again = evaluate.evaluate(checkpoint.load_config(workdir), workdir)
+    again, _, _ = evaluate.evaluate(checkpoint.load_config(workdir), workdir)
     for key, value in final.items():
         assert again[key] == pytest.approx(float(value), abs=1e-6), key
 
@@ -113,14 +118,14 @@ def test_graft_resizes_patch_position_tables_to_the_model_grid():
     checkpoint_table = rng.normal(size=(1 + 4 * 4, 8)).astype(np.float32)  # cls + 4x4 grid
     params = {"vit": {"pos_embedding": np.zeros((1 + 6 * 6, 8), np.float32), "w": np.zeros((8, 8), np.float32)}}
     weights = {"vit": {"pos_embedding": checkpoint_table, "w": np.ones((8, 8), np.float32)}}
-    out = pretrained.graft(params, weights, "vit", "vit")["vit"]
+    out = pretrained.graft(params, weights, "vit", "vit")[0]["vit"]
     np.testing.assert_array_equal(out["pos_embedding"][0], checkpoint_table[0])  # cls row kept
     np.testing.assert_allclose(out["pos_embedding"], interpolate_pos_embedding(checkpoint_table, (4, 4), (6, 6)),
                                atol=1e-6)
     # Without a cls row (gap-pooled ViT) the grid is resized alone.
     params = {"pos_embedding": np.zeros((36, 8), np.float32)}
-    out = pretrained.graft(params, {"pos_embedding": checkpoint_table[1:]})
-    assert out["pos_embedding"].shape == (36, 8)
-    # A non-position leaf of another shape is still an error.
-    with pytest.raises(ValueError, match="do not fit"):
-        pretrained.graft({"w": np.zeros((2, 2))}, {"w": np.zeros((3, 3))})
+    out, report = pretrained.graft(params, {"pos_embedding": checkpoint_table[1:]})
+    assert out["pos_embedding"].shape == (36, 8) and report.loaded == ["pos_embedding"]
+    # A non-position leaf of another shape is skipped, not resized.
+    _, report = pretrained.graft({"w": np.zeros((2, 2)), "b": np.zeros(2)}, {"w": np.zeros((3, 3)), "b": np.ones(2)})
+    assert report.skipped == [("w", (2, 2), (3, 3))] and report.loaded == ["b"]

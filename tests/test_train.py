@@ -45,7 +45,7 @@ def test_short_run_learns_and_writes_everything(tiny_config, tmp_path):
     for key in ("loss", "lr", "grad_norm", "examples_per_s"):
         assert key in train[0]
     assert len(evals) == 1 and evals[0]["step"] == 24
-    assert evals[0]["zero_shot/num_examples"] == evals[0]["retrieval/num_examples"] == 1000
+    assert evals[0]["zero_shot/num_examples"] == evals[0]["retrieval/num_images"] == 1000
     assert final["zero_shot/accuracy"] == evals[0]["zero_shot/accuracy"]
     assert final["zero_shot/chance"] == pytest.approx(1 / 24)
     for key in ("i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10"):
