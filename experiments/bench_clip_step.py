@@ -156,18 +156,25 @@ def bench_ours(config, batch_size: int, steps: int, warmup: int) -> dict:
     import jax
 
     from mmjax import optim, sharding
+    from mmjax import state as state_lib
     from mmjax import train as mtrain
+    from mmjax.data import pipeline
     from mmjax.models import build_model
     from mmjax.tasks import get_task
 
     mesh = sharding.create_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = sharding.logical_rules(config.sharding.rules)
+    # Synthetic batches: what the model reads, sized by the config alone (no dataset is opened).
+    meta = pipeline.DatasetMeta(sources={}, eval_source="", vocab_size=config.model.text.vocab_size,
+                                model_keys=("image", "text_ids", "text_mask"))
+    state_lib.resolve_model_config(config, meta)
     model = build_model(config.model)
-    task = get_task(config.task, model=model, config=config, mesh=mesh, tokenizer=None)
-    boxed = mtrain.abstract_params(model, task, config.seed)
-    n_params = mtrain.count_params(boxed)
+    task = get_task(config.task, model=model, config=config, meta=meta, tokenizer=None, mesh=mesh)
+    shapes = pipeline.batch_shapes(config.data, meta)
+    boxed = state_lib.abstract_params(model, shapes, config.seed)
+    n_params = state_lib.count_params(boxed)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
-    state, shardings = mtrain.create_train_state(model, task, tx, mesh, rules, config.seed, boxed)
+    state, shardings = state_lib.create_train_state(model, shapes, tx, mesh, rules, config.seed, boxed)
 
     step_fn = mtrain.jit_train_step(task, tx, schedule, mesh, shardings)
     rng = jax.random.key(config.seed + 1)
@@ -208,15 +215,15 @@ def torch_clip_config(config):
     vocab = txt.vocab_size
     text_config = dict(
         vocab_size=vocab, hidden_size=txt.width, intermediate_size=txt.mlp_dim, num_hidden_layers=txt.depth,
-        num_attention_heads=txt.heads, max_position_embeddings=txt.max_len, hidden_act="gelu",
+        num_attention_heads=txt.heads, max_position_embeddings=config.data.max_len, hidden_act="gelu",
         layer_norm_eps=1e-5, attention_dropout=0.0, pad_token_id=0, bos_token_id=vocab - 2,
         eos_token_id=vocab - 1, projection_dim=m.embed_dim)
     vision_config = dict(
         hidden_size=img.width, intermediate_size=img.mlp_dim, num_hidden_layers=img.depth,
-        num_attention_heads=img.heads, image_size=img.image_size, patch_size=img.patch_size, num_channels=3,
+        num_attention_heads=img.heads, image_size=config.data.image_size, patch_size=img.patch_size, num_channels=3,
         hidden_act="gelu", layer_norm_eps=1e-6, attention_dropout=0.0, projection_dim=m.embed_dim)
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=m.embed_dim,
-                      logit_scale_init_value=m.logit_scale_init)
+                      logit_scale_init_value=m.logit_scale_init or math.log(1 / 0.07))
 
 
 def bench_torch(config, batch_size: int, steps: int, warmup: int, threads: int) -> dict:

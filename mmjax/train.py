@@ -11,7 +11,6 @@ checkpoints/, metrics.jsonl (one JSON record per line) and tensorboard/.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import tempfile
@@ -20,7 +19,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

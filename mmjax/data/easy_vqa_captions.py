@@ -20,7 +20,9 @@ image_id order (no shuffling), images are the shipped PNG bytes, caption choices
 and records use protobuf's deterministic encoding.
 
 The builder also makes the default WordPiece tokenizer from the train captions + questions + zero-shot prompts
-(every word one token, characters as fallback) and saves it next to the TFRecords: `<data_dir>/easy_vqa_captions/1.0.0/tokenizer.json` (see `tokenizer_path`).
+(every word one token, characters as fallback) and saves it next to the TFRecords:
+`<data_dir>/easy_vqa_captions/1.0.0/tokenizer.json`. As a data source (`source_config`) the dataset offers its
+classes and prompts, colour / shape hard negatives and regions made from the shape's box (mmjax/data/sources.py).
 """
 
 from __future__ import annotations
@@ -99,11 +101,6 @@ def _easy_vqa_data_dir() -> str:
     import easy_vqa  # pylint: disable=import-outside-toplevel
 
     return os.path.join(os.path.dirname(easy_vqa.__file__), "data")
-
-
-def tokenizer_path(builder_data_dir: str | os.PathLike) -> str:
-    """Where the default tokenizer lives for a prepared builder (`builder.data_dir`)."""
-    return os.path.join(os.fspath(builder_data_dir), "tokenizer.json")
 
 
 # ----------------------------------------------------------------------------------------------- pixels
@@ -246,26 +243,6 @@ def make_captions(color: str, shape: str, size: str, position: str, seed: int) -
     picks = rng.choice(len(ALTERNATIVE_CAPTIONS), size=NUM_CAPTIONS - 1, replace=False)
     forms = [CANONICAL_CAPTION] + [ALTERNATIVE_CAPTIONS[i] for i in sorted(picks)]
     return [f.format(**fields) for f in forms]
-
-
-def hard_negative_captions(captions: Sequence[str], labels: Sequence[int],
-                           image_ids: Sequence[int]) -> tuple[list[str], list[str]]:
-    """Each caption with exactly one attribute changed: (another colour, same shape), (same colour, another shape).
-
-    The replacement is a deterministic function of the image id. These are the mismatches a model can only reject
-    by grounding the changed word; random mismatches on this data are mostly rejected from colour alone.
-    """
-    other_color, other_shape = [], []
-    for caption, label, image_id in zip(captions, labels, image_ids):
-        color, shape = COLORS[int(label) // len(SHAPES)], SHAPES[int(label) % len(SHAPES)]
-        new_color = COLORS[(COLORS.index(color) + 1 + int(image_id) % (len(COLORS) - 1)) % len(COLORS)]
-        new_shape = SHAPES[(SHAPES.index(shape) + 1 + int(image_id) % (len(SHAPES) - 1)) % len(SHAPES)]
-        for word, new, out in ((color, new_color, other_color), (shape, new_shape, other_shape)):
-            changed, count = re.subn(rf"\b{word}\b", new, caption)
-            if count != 1:
-                raise ValueError(f"caption {caption!r} must name {word!r} exactly once to build a hard negative")
-            out.append(changed)
-    return other_color, other_shape
 
 
 def render_prompts() -> list[list[str]]:

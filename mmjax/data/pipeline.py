@@ -166,7 +166,7 @@ class DatasetMeta:
 
     def _shared(self, field: str):
         values = [getattr(m, field) for k, m in self.sources.items() if k in (self.train_sources or self.sources)]
-        return values[0] if all(v == values[0] for v in values) else None
+        return values[0] if values and all(v == values[0] for v in values) else None
 
     @property
     def attributes(self) -> dict[str, tuple[str, ...]]:
