@@ -13,10 +13,12 @@ Without init_from.path the same model trains from scratch. The head trains at `o
 learning rate (ViLT: 10x).
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
-from mmjax import configlib
+from mmjax import configlib, models
 from mmjax.data import pipeline, vqa
 from mmjax.evaluation.evaluators import evaluator_config
 
@@ -29,8 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = configlib.parse_arg(arg, defaults=dict(model="vilt"), choices=dict(model=MODELS))["model"]
     c = configlib.sibling(__file__, model).get_config()
     c.task = ml_collections.ConfigDict(dict(name="vqa"))
+    fields = {f.name for f in dataclasses.fields(models.MODELS[c.model.name])}
     for head in HEADS_OFF:
-        if head in c.model:
+        if head in fields:  # off even where the pretraining config left it at the model's default (on)
             c.model[head] = False
     c.model.vqa_labels = config_dict.placeholder(int)  # the data's answer count
 

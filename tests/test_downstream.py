@@ -2,6 +2,7 @@
 embedded questions, zero-shot on a folder-per-class dataset, ITM re-ranking against exhaustive ranking, layer-wise
 learning-rate decay."""
 
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from mmjax import optim, pretrained, sharding
@@ -72,6 +74,18 @@ def test_vqa_fine_tunes_a_pretraining_run_and_writes_official_results(load_confi
     assert sorted({p.split("/")[0] for p in report.new}) == ["vqa_head"]
     assert {p.split("/")[0] for p in report.unused} == {"itm_head", "mlm_bias", "mlm_transform"}
     assert not report.skipped and len(report.loaded) > 20
+    # Bit for bit: a fine-tune at learning rate zero saves exactly the parameters init_from handed it.
+    c0 = _vqa_config(load_config, vqa_data_dir, steps=1)
+    c0.init_from.path = str(tmp_path / "pre")
+    c0.optimizer.lr = 0.0
+    train.train_and_evaluate(c0, str(tmp_path / "vqa0"))
+    initial = traverse_util.flatten_dict(pretrained.load_checkpoint(str(tmp_path / "vqa0")).params, sep="/")
+    pre_flat = traverse_util.flatten_dict(start.params, sep="/")
+    assert {p.split("/")[0] for p in set(initial) - set(pre_flat)} == {"vqa_head"}
+    loaded = [p for p in initial if p in pre_flat]
+    assert len(loaded) == len(report.loaded)
+    for path in loaded:
+        np.testing.assert_array_equal(np.asarray(initial[path]), np.asarray(pre_flat[path]), err_msg=path)
     # mmjax.evaluate on the fine-tuned run gives the trainer's final eval, and writes its report.
     again, samples, step = evaluate.evaluate(json_config(tmp_path / "vqa"), str(tmp_path / "vqa"))
     assert step == 4 and again["vqa/accuracy"] == pytest.approx(metrics["vqa/accuracy"], abs=1e-9)
@@ -107,6 +121,18 @@ def test_init_from_errors_name_the_culprit(load_config, vqa_data_dir, tmp_path):
     c.model.width = 64
     with pytest.raises(ValueError, match="init_from.strict: .*skipped: model"):
         train.train_and_evaluate(c, str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("model", ["vilt", "uniter", "vilbert", "fusion"])
+def test_vqa_configs_drop_every_pretraining_head(load_config, model):
+    """Heads the model has but the pretraining config left at their default (on) must be off too, so that
+    init_from reports them as unused instead of carrying (and weight-decaying) them through the fine-tune."""
+    from mmjax import models
+
+    c = load_config("vqa.py", model)
+    cls = models.MODELS[c.model.name]
+    heads = {f.name: c.model.get(f.name, f.default) for f in dataclasses.fields(cls) if f.name.endswith("_head")}
+    assert len(heads) >= 2 and not any(heads.values()), heads
 
 
 def test_graft_loads_matching_leaves_and_reports_the_rest():
