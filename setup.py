@@ -30,6 +30,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # pycocoevalcap: the reference our caption metrics are tested against (its PTB tokenizer needs Java).
+        "test": ["pytest>=8", "pycocoevalcap>=1.2"],
     },
 )

@@ -164,3 +164,20 @@ def vqa_bce_loss(logits: Array, soft_scores: Array) -> Array:
     # softplus(x) - x t == -(t log sigmoid(x) + (1 - t) log sigmoid(-x)), stable for large |x|.
     bce = jax.nn.softplus(x) - x * t
     return jnp.sum(bce) / x.shape[0]
+
+
+def caption_loss(logits: Array, targets: Array, weights: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
+    """Captioning (teacher-forced next-token prediction): (mean CE over the tokens with weights > 0, their top-1
+    accuracy); (0, 0) when there are none.
+
+    logits [B, T, V] (position t predicts targets[:, t]); targets [B, T] int; weights [B, T] (1 on real target
+    tokens, the end token included). label_smoothing eps: the target distribution is (1 - eps) one-hot + eps / V
+    (optax.smooth_labels), so the loss is (1 - eps) CE + eps * mean over the vocabulary of -log p.
+    """
+    logits = logits.astype(jnp.float32)
+    keep = weights > 0
+    nll, correct = _cross_entropy(logits, jnp.where(keep, targets, 0))
+    if label_smoothing:
+        uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return _masked_mean(nll, keep), _masked_mean(correct, keep)

@@ -1,6 +1,7 @@
 """Sharded training equals single-device training (CLIP contrastive; ViLT, UNITER, ViLBERT and a fusion model with
-MLM + ITM (+ WPA, MRFR, MRC)): the same loss and gradients, and the same optimizer update for the same gradients;
-a dropped all-gather is caught; parameters are really sharded; checkpoints round-trip.
+MLM + ITM (+ WPA, MRFR, MRC); the captioner and CoCa's contrastive + captioning): the same loss and gradients, and
+the same optimizer update for the same gradients; a dropped all-gather is caught; parameters are really sharded;
+checkpoints round-trip.
 
 The suite runs with 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 """
@@ -209,6 +210,24 @@ def test_sharded_step_equals_single_device(load_config, mesh, model):
 @pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion"])
 def test_sharded_step_equals_single_device_fusion_models(load_config, model):
     check_sharded_equals_single(small_region_config(load_config, model), dict(data=2, fsdp=2, tensor=2))
+
+
+def small_caption_config(load_config, name):
+    """The captioner or CoCa, small, dims divisible by 8 and 2 (the image tower at 64 wide like the text)."""
+    c = load_config(f"{name}.py")
+    c.model.image.update(dict(patch_size=8, width=64, depth=1, heads=2, mlp_dim=128))
+    c.model.text.update(dict(width=64, depth=1, heads=2, mlp_dim=128, vocab_size=64))
+    if name == "coca":
+        c.model.embed_dim = 32
+    c.data.image_size, c.data.max_len = 32, 8
+    c.train.batch_size = 16
+    c.optimizer.warmup_steps = 0
+    return c
+
+
+@pytest.mark.parametrize("model", ["caption", "coca"])
+def test_sharded_step_equals_single_device_captioners(load_config, model):
+    check_sharded_equals_single(small_caption_config(load_config, model), dict(data=2, fsdp=2, tensor=2))
 
 
 def _per_device_contrastive(task, params, batch, rng, local_loss):

@@ -21,6 +21,9 @@ the pipeline's DatasetMeta.
     mrc         masked-region classification accuracy (region models), and on regions whose class is an object
     vqa         the official VQA accuracy (mmjax/evaluation/vqa.py) of the top answer, by answer type; predictions
                 written in the official results format ([{"question_id", "answer"}]) into the run's directory
+    captioning  BLEU-1..4 and CIDEr-D (COCO's protocol, mmjax/evaluation/captioning.py) of captions decoded
+                greedily, by beam search or by sampling (mmjax/decoding.py) against every reference caption of
+                each image; captions written in COCO's results format ([{"image_id", "caption"}])
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 from ml_collections import config_dict
 
-from mmjax import configlib, objectives, sharding
+from mmjax import configlib, decoding, objectives, sharding
 from mmjax.data import pipeline
-from mmjax.evaluation import report, retrieval, vqa, zero_shot
+from mmjax.evaluation import captioning, report, retrieval, vqa, zero_shot
 
 SAMPLES = 12  # predictions an evaluator keeps for the report
 
@@ -57,6 +60,11 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlm": dict(mask_prob=0.15, whole_word=False),
     "mrc": dict(mask_prob=0.15),
     "vqa": {},
+    # Decoding (mmjax/decoding.DecodeConfig): method greedy | beam | sample; max_len None = data.max_len.
+    # max_images: evaluate the first N images of the split (None: all). CIDEr-D's idf comes from the evaluated
+    # images' references, so CIDEr on a subset is not comparable with CIDEr on the whole split.
+    "captioning": dict(method="beam", beam_size=4, length_penalty=0.0, temperature=1.0, top_k=0, top_p=1.0,
+                       max_len=config_dict.placeholder(int), max_images=config_dict.placeholder(int), seed=0),
 }
 
 
@@ -504,9 +512,84 @@ class VQAEvaluator(Evaluator):
         return metrics
 
 
+class CaptioningEvaluator(Evaluator):
+    """Captions decoded for the split's images, scored against all of each image's reference captions with
+    COCO's BLEU-1..4 and CIDEr-D; the first images' captions go to the report beside their references."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for method in ("image_memory", "decode_text"):
+            if not hasattr(self.model, method):
+                raise ValueError(f"evals.{self.name} (captioning) needs a captioner (a model with {method}); "
+                                 f"{type(self.model).__name__} has none")
+        cfg = self.cfg
+        self.decode_config = decoding.DecodeConfig(
+            method=cfg.method, max_len=int(cfg.max_len or self.config.data.max_len), beam_size=int(cfg.beam_size),
+            length_penalty=float(cfg.length_penalty), temperature=float(cfg.temperature), top_k=int(cfg.top_k),
+            top_p=float(cfg.top_p))
+        tok = self.tokenizer
+        self._generate = jax.jit(
+            lambda params, image, rng: decoding.generate(self.model, params, image, self.decode_config,
+                                                         bos_id=tok.cls_id, eos_id=tok.sep_id, pad_id=tok.pad_id,
+                                                         rng=rng),
+            out_shardings=sharding.replicated(self.mesh))
+        self._references: dict[int, list[str]] | None = None
+
+    def references(self) -> dict[int, list[str]]:
+        """image_id -> every reference caption of that image in the evaluated split (read once)."""
+        if self._references is None:
+            from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+
+            texts, image_ids = sources.split_texts(self.source, pipeline.source_config_of(self.config.data,
+                                                                                          self.source),
+                                                   self.config.data, self.cfg.data.split)
+            self._references = {}
+            for text, image_id in zip(texts, image_ids):
+                self._references.setdefault(int(image_id), []).append(text)
+        return self._references
+
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """BLEU-1..BLEU-4, CIDEr, mean caption length (words) and num_images."""
+        candidates: dict[int, str] = {}
+        shown = []
+        limit = self.cfg.max_images
+        for i, batch in enumerate(self.batches()):
+            real = batch["mask"] > 0
+            tokens, _ = self._generate(params, self._put({"x": batch["image"]})["x"],
+                                       jax.random.key(int(self.cfg.seed) * 100_003 + i))
+            texts = self.tokenizer.decode(np.asarray(tokens))
+            for row in np.nonzero(real)[0]:
+                if limit is not None and len(candidates) >= limit:
+                    break
+                candidates[int(batch["image_id"][row])] = texts[row]
+                if len(shown) < SAMPLES:
+                    shown.append((batch["image"][row], int(batch["image_id"][row])))
+            if limit is not None and len(candidates) >= limit:
+                break
+        references = self.references()
+        missing = [i for i in candidates if i not in references]
+        if missing:
+            raise ValueError(f"evals.{self.name}: images {missing[:5]} have no reference captions")
+        refs = {str(i): references[i] for i in candidates}
+        cands = {str(i): c for i, c in candidates.items()}
+        metrics = captioning.score(refs, cands)
+        per_image = captioning.cider_per_image(refs, cands)
+        metrics.update(length=float(np.mean([len(captioning.tokenize(c)) for c in cands.values()])),
+                       num_images=float(len(cands)))
+        self.samples = [report.Sample(image=image, text="", predicted=candidates[image_id],
+                                      truth=" | ".join(references[image_id]), correct=per_image[str(image_id)])
+                        for image, image_id in shown]
+        if self.out_dir and jax.process_index() == 0:
+            name = f"{self.name}_captions" + (f"_step{step}" if step is not None else "") + ".json"
+            with open(os.path.join(self.out_dir, name), "w", encoding="utf-8") as f:
+                json.dump([{"image_id": i, "caption": c} for i, c in candidates.items()], f)
+        return metrics
+
+
 EVALUATORS: dict[str, type[Evaluator]] = {"zero_shot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator,
                                          "itm": ITMEvaluator, "mlm": MLMEvaluator, "mrc": MRCEvaluator,
-                                         "vqa": VQAEvaluator, "itm_retrieval": ITMRetrievalEvaluator}
+                                         "vqa": VQAEvaluator, "itm_retrieval": ITMRetrievalEvaluator,
+                                         "captioning": CaptioningEvaluator}
 
 
 def build_evaluators(config: Any, *, model: Any, meta: Any, tokenizer: Any, mesh: Mesh,

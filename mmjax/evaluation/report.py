@@ -1,6 +1,7 @@
 """The evaluation report `python -m mmjax.evaluate` writes beside eval.json: a short markdown page with the metrics
 table, the run's training curves (from metrics.jsonl, as PNG) and a page of sample predictions per evaluator that
-keeps some (the VQA evaluator: image, question, predicted and human answers).
+keeps some (the VQA evaluator: image, question, predicted and human answers; the captioning evaluator: image, decoded
+caption, its references and its CIDEr-D).
 
     write(out_dir, metrics, workdir=RUN, samples={"vqa": [Sample, ...]}, mean=(0.5,) * 3, std=(0.5,) * 3)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -80,7 +82,10 @@ def plot_samples(samples: Sequence[Sample], path: str, mean: Sequence[float], st
     for ax, s in zip(axes.flat, samples):
         pixels = np.clip(np.asarray(s.image) * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
         ax.imshow(pixels)
-        ax.set_title(f"{s.text}\npredicted: {s.predicted}\ntrue: {s.truth}", fontsize=7,
+        # Captions and their references run long: wrapped, so neighbouring titles do not overlap.
+        title = "\n".join(textwrap.fill(line, 48) for line in (s.text, f"predicted: {s.predicted}",
+                                                                f"true: {s.truth}") if line)
+        ax.set_title(title, fontsize=7,
                      color="green" if s.correct >= 0.999 else ("orange" if s.correct > 0 else "red"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

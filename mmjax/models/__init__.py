@@ -1,7 +1,8 @@
 """mmjax models: pure linen Modules, one file per family; `build_model` makes one from a config.
 
-Families (clip, vilt, uniter, vilbert, fusion_model, bert) never import each other: they share the towers
-(vit.py, text.py, and the tower registry towers.py), layers.py, heads.py and the fusion block library fusion.py.
+Families (clip, vilt, uniter, vilbert, fusion_model, bert, captioner, coca) never import each other: they share the
+towers (vit.py, text.py, text_decoder.py, and the tower registry towers.py), layers.py, heads.py and the fusion
+block library fusion.py.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.bert import BertModel
+from mmjax.models.captioner import Captioner
 from mmjax.models.clip import CLIP
+from mmjax.models.coca import CoCa
 from mmjax.models.fusion_model import FusionModel
 from mmjax.models.text import TextTransformer
+from mmjax.models.text_decoder import TextDecoder
 from mmjax.models.towers import TOWERS, tower_kind
 from mmjax.models.uniter import UNITER
 from mmjax.models.vilbert import ViLBERT
@@ -24,12 +28,15 @@ from mmjax.models.vilt import ViLT
 from mmjax.models.vit import ViT, ViTModel
 
 MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNITER, "vilbert": ViLBERT,
-                                     "fusion": FusionModel, "bert": BertModel, "vit": ViTModel}
+                                     "fusion": FusionModel, "bert": BertModel, "vit": ViTModel,
+                                     "captioner": Captioner, "coca": CoCa}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
     ("clip", "image"): ViT, ("clip", "text"): TextTransformer,
     ("bert", "text"): TextTransformer, ("vit", "image"): ViT,
+    ("captioner", "image"): ViT, ("captioner", "text"): TextDecoder,
+    ("coca", "image"): ViT, ("coca", "text"): TextDecoder,
 }
 # Fields holding {modality: {"kind": KIND, **fields}} tower dicts (validated against towers.TOWERS[KIND].module).
 _TOWER_FIELDS: frozenset[tuple[str, str]] = frozenset({("fusion", "towers")})
@@ -106,5 +113,5 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BertModel", "CLIP", "FusionModel", "MODELS", "TOWERS", "TextTransformer", "UNITER", "ViLBERT", "ViLT",
-           "ViT", "ViTModel", "build_model"]
+__all__ = ["BertModel", "CLIP", "Captioner", "CoCa", "FusionModel", "MODELS", "TOWERS", "TextDecoder",
+           "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "build_model"]

@@ -125,5 +125,22 @@ def tied_mlm_logits(owner: nn.Module, tokens: Array, word_table: Array, *, activ
     return logits.astype(jnp.float32)
 
 
-__all__ = ["AnswerClassifier", "HeadTransform", "itm_logits", "linear_logits", "pooler", "tied_mlm_logits",
-           "token_prediction"]
+def lm_logits(owner: nn.Module, tokens: Array, vocab_size: int, word_table: Optional[Array] = None, *,
+              prefix: str = "lm", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> Array:
+    """A language-model head inside `owner`'s compact scope: float32 next-token logits [..., V].
+
+    Tied (`word_table` [V, D] given): tokens @ word_table^T + `{prefix}_bias` [V]; untied: a Dense
+    `{prefix}_head` with kernel ("embed", "vocab") and bias ("vocab",).
+    """
+    if word_table is None:
+        return layers.Dense(vocab_size, dtype=dtype, param_dtype=param_dtype,
+                            kernel_init=partitioned(layers.dense_init, ("embed", "vocab")),
+                            bias_init=partitioned(layers.zeros_init, ("vocab",)), name=f"{prefix}_head")(
+            tokens).astype(jnp.float32)
+    bias = owner.param(f"{prefix}_bias", partitioned(layers.zeros_init, ("vocab",)), (vocab_size,), param_dtype)
+    return (layers.matmul_last(tokens.astype(dtype), word_table.astype(dtype).T) + bias.astype(dtype)).astype(
+        jnp.float32)
+
+
+__all__ = ["AnswerClassifier", "HeadTransform", "itm_logits", "linear_logits", "lm_logits", "pooler",
+           "tied_mlm_logits", "token_prediction"]

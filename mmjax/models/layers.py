@@ -37,6 +37,7 @@ Array = jax.Array
 NEG_INF = -1e9
 
 ACT_AXES = ("batch", "length", "embed")
+CACHE_AXES = ("batch", "heads", "length", "kv")  # decoding's key/value caches, heads-major [B, H, L, D]
 
 # Inits: xavier-uniform for dense kernels (ViT/BERT-style), normal(0.02) for embeddings, zeros for biases.
 dense_init = nn.initializers.xavier_uniform()
@@ -288,6 +289,13 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention with separate q/k/v projections and an additive mask bias.
 
     Self-attention: `attn(x)`. Cross-attention: `attn(x, kv=other)` (queries from x, keys/values from other).
+
+    decode=True keeps keys and values in the "cache" collection for incremental decoding (apply with
+    mutable=["cache"]). The first call creates the cache, as flax's decoders do: self-attention sizes it from
+    that call's input length (pass the full [B, max_len] once; its output is not used) and cross-attention stores
+    the projected memory. Later calls append the new positions' keys at `cache_index`, attend causally over the
+    cache (queries at absolute positions index .. index + T - 1), and reuse the stored memory keys, so `kv` is
+    ignored then and may be any array of the right batch size.
     """
 
     num_heads: int
@@ -297,6 +305,7 @@ class MultiHeadAttention(nn.Module):
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode: bool = False
 
     @nn.compact
     def __call__(
@@ -316,14 +325,22 @@ class MultiHeadAttention(nn.Module):
         proj = functools.partial(HeadsProjection, num_heads=self.num_heads, head_dim=head_dim,
                                  use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         # Scale q (smaller than the logits tensor) rather than the [B, H, Lq, Lk] logits.
-        q = proj(name="query")(x) * jnp.asarray(head_dim**-0.5, self.dtype)
-        k = proj(name="key")(kv)
-        v = proj(name="value")(kv)
+        q = jnp.swapaxes(proj(name="query")(x) * jnp.asarray(head_dim**-0.5, self.dtype), 1, 2)
+        cross = kv is not x
+        if self.decode and cross and self.has_variable("cache", "cross_key"):
+            k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        else:
+            # Heads-major [B, H, L, D] so both attention matmuls have leading batch dims (XLA:CPU's fast batched
+            # GEMM; the [B, L, H, D] einsums were 2.4x slower in the forward pass here).
+            k = jnp.swapaxes(proj(name="key")(kv), 1, 2)
+            v = jnp.swapaxes(proj(name="value")(kv), 1, 2)
+            if self.decode and cross:
+                self.variable("cache", "cross_key", lambda: constrain(k, CACHE_AXES))
+                self.variable("cache", "cross_value", lambda: constrain(v, CACHE_AXES))
+            elif self.decode:
+                k, v, bias = self._append_to_cache(k, v, bias)
 
         # One batched dot_general over all heads (no per-head loops); softmax in float32 for stability in bf16.
-        # Heads-major [B, H, L, D] so both attention matmuls have leading batch dims (XLA:CPU's fast batched GEMM;
-        # the [B, L, H, D] einsums were 2.4x slower in the forward pass here).
-        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
@@ -333,6 +350,26 @@ class MultiHeadAttention(nn.Module):
 
         return HeadsOutput(features=self.out_features or width, use_bias=self.use_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)
+
+    def _append_to_cache(self, k: Array, v: Array, bias: Optional[Array]) -> tuple[Array, Array, Optional[Array]]:
+        """Self-attention decoding: writes k, v [B, H, T, D] at cache_index and returns the whole cache with the
+        causal bias over it (the call that creates the cache returns its inputs unchanged)."""
+        created = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not created:
+            return k, v, bias
+        i, steps, length = index.value, k.shape[2], cached_k.value.shape[2]
+        cached_k.value = constrain(jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
+                                                                (0, 0, i, 0)), CACHE_AXES)
+        cached_v.value = constrain(jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
+                                                                (0, 0, i, 0)), CACHE_AXES)
+        index.value = i + steps
+        # Query t (absolute position i + t) sees cached keys j <= i + t; later slots hold zeros, masked out.
+        allowed = jnp.arange(length)[None, :] <= (i + jnp.arange(steps))[:, None]
+        causal = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None, None]
+        return cached_k.value, cached_v.value, causal if bias is None else bias + causal
 
 
 class MLP(nn.Module):
@@ -457,6 +494,96 @@ class CrossAttentionLayer(nn.Module):
         return constrain(x)
 
 
+class DecoderBlock(nn.Module):
+    """Transformer decoder block: causal self-attention, then (cross_attention) attention to a memory sequence,
+    then an MLP, each with a residual.
+
+    norm="pre":  x = x + SA(LN(x)); x = x + CA(LN(x), memory); x = x + MLP(LN(x))      (GPT-2 / CoCa)
+    norm="post": x = LN(x + SA(x)); x = LN(x + CA(x, memory)); x = LN(x + MLP(x))      (BERT-style decoders)
+
+    Parameters: ln_1, attn, (ln_cross, cross_attn), ln_2, mlp. With decode=True both attentions cache their keys
+    and values (MultiHeadAttention); `bias` is then ignored, the cache supplying the causal mask.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = True
+    norm: str = "pre"
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Optional[Array] = None, memory: Optional[Array] = None,
+                 memory_bias: Optional[Array] = None, deterministic: bool = True) -> Array:
+        """x: [B, L, E]; bias: the causal (+ padding) bias [B, 1, L, L]; memory [B, N, E'] with its key bias
+        memory_bias broadcastable to [B, H, L, N]."""
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.cross_attention and memory is None:
+            raise ValueError("a DecoderBlock with cross_attention needs `memory`")
+        ln = functools.partial(layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
+        attn = functools.partial(MultiHeadAttention, num_heads=self.num_heads, decode=self.decode,
+                                 attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+        self_bias = None if self.decode else bias
+        sublayers = [("ln_1", lambda h: attn(name="attn")(h, bias=self_bias, deterministic=deterministic))]
+        if self.cross_attention:
+            sublayers.append(("ln_cross", lambda h: attn(name="cross_attn")(h, kv=memory, bias=memory_bias,
+                                                                           deterministic=deterministic)))
+        mlp = MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="mlp")
+        sublayers.append(("ln_2", lambda h: mlp(h, deterministic=deterministic)))
+        x = constrain(x)
+        for name, sublayer in sublayers:
+            if self.norm == "pre":
+                x = x + drop(sublayer(ln(name=name)(x)))
+            else:
+                x = ln(name=name)(x + drop(sublayer(x)))
+        return constrain(x)
+
+
+class Decoder(nn.Module):
+    """Stack of `depth` DecoderBlocks named layer_0 ... layer_{depth-1} (no final LayerNorm: the owner adds it).
+
+    Remat applies to training only: decoding (decode=True) writes the cache, and runs one token at a time.
+    """
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = True
+    norm: str = "pre"
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Optional[Array] = None, memory: Optional[Array] = None,
+                 memory_bias: Optional[Array] = None, deterministic: bool = True) -> Array:
+        """x: [B, L, E] -> [B, L, E]; arguments as DecoderBlock's."""
+        # static_argnums counts `self` as 0: `deterministic` (5) is a Python bool that selects code paths.
+        block_cls = remat(DecoderBlock, self.remat and not self.decode, self.remat_policy, static_argnums=(5,))
+        for i in range(self.depth):
+            x = block_cls(num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross_attention=self.cross_attention,
+                          norm=self.norm, activation=self.activation, dropout_rate=self.dropout_rate,
+                          attention_dropout_rate=self.attention_dropout_rate, ln_epsilon=self.ln_epsilon,
+                          decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f"layer_{i}")(x, bias, memory, memory_bias, deterministic)
+        return x
+
+
 class Encoder(nn.Module):
     """Stack of `depth` Blocks named layer_0 ... layer_{depth-1}, optionally rematerialised.
 
@@ -565,9 +692,10 @@ class TextEmbeddings(nn.Module):
         # Gathers keep the tables in param dtype; only the looked-up rows are cast.
         return jnp.take(self.type_embedding, jnp.asarray(type_ids), axis=0).astype(self.dtype)
 
-    def __call__(self, ids: Array, type_ids: Optional[Array] = None,
-                 mask: Optional[Array] = None) -> tuple[Array, Array]:
-        """ids int [B, L]; type_ids int [B, L] (default 0); mask [B, L] (1 = real; zeroes padded ids when given)."""
+    def __call__(self, ids: Array, type_ids: Optional[Array] = None, mask: Optional[Array] = None,
+                 offset: Optional[Array] = None) -> tuple[Array, Array]:
+        """ids int [B, L]; type_ids int [B, L] (default 0); mask [B, L] (1 = real; zeroes padded ids when given);
+        offset: the position of ids[:, 0] (a traced int for incremental decoding; default 0)."""
         length = ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
@@ -576,7 +704,9 @@ class TextEmbeddings(nn.Module):
             ids = jnp.where(real, ids, 0)
             type_ids = None if type_ids is None else jnp.where(real, type_ids, 0)
         x = jnp.take(self.word_embedding, ids, axis=0).astype(self.dtype)
-        x = x + self.pos_embedding[:length].astype(self.dtype)[None]
+        positions = (self.pos_embedding[:length] if offset is None
+                     else jax.lax.dynamic_slice_in_dim(self.pos_embedding, offset, length))
+        x = x + positions.astype(self.dtype)[None]
         if self.type_vocab_size:
             x = x + self.type_rows(jnp.zeros_like(ids) if type_ids is None else type_ids)
         if self.use_ln:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmjax.tasks.captioning import CaptioningTask
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.matching import MatchingTask
 from mmjax.tasks.vqa import VQATask
 
-TASKS = {"contrastive": ContrastiveTask, "matching": MatchingTask, "vqa": VQATask}
+TASKS = {"contrastive": ContrastiveTask, "matching": MatchingTask, "vqa": VQATask, "captioning": CaptioningTask}
 
 
 def get_task(task_config: Any, **kwargs: Any):
