@@ -30,7 +30,7 @@ VARIANTS = {
         train=dict(batch_size=128, steps=2000, checkpoint_every=500), eval_every=1000, eval_batch=500),
     "base": dict(
         image=dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
-        text=dict(width=512, depth=6, heads=8, mlp_dim=2048, vocab_size=None),
+        text=dict(width=512, depth=6, heads=8, mlp_dim=2048, vocab_size=30522),  # BERT's WordPiece vocabulary
         image_size=224, max_len=40,
         optimizer=dict(lr=5e-4, warmup_steps=2000, weight_decay=0.05),
         train=dict(batch_size=1024, steps=50_000, checkpoint_every=2000), eval_every=5000, eval_batch=500),
@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         text=dict(max_len=config_dict.placeholder(int), norm="pre", tie_embeddings=True,
                   **{k: val for k, val in v["text"].items() if k != "vocab_size"}),
     ))
-    c.model.text.vocab_size = config_dict.placeholder(int)
+    # None: the tokenizer's vocabulary, resolved when the run starts.
+    c.model.text.vocab_size = v["text"]["vocab_size"] or config_dict.placeholder(int)
     c.data = pipeline.embedded_data_config(negatives=())
     c.data.image_size, c.data.max_len = v["image_size"], v["max_len"]
     c.evals = ml_collections.ConfigDict()

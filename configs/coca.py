@@ -7,8 +7,8 @@ the paper). Evaluated as a dual encoder (zero-shot classification, retrieval) an
     python -m mmjax.generate --workdir=/tmp/coca --images=DIR
 
 Start the image encoder from a CLIP run (configs/clip.py, same ViT sizes): --config.init_from.path=/tmp/clip
---config.init_from.source=image_encoder --config.init_from.target=image_encoder (CLIP's cls token is unused and
-CoCa's attention-pooling head starts fresh).
+--config.init_from.source=image_encoder --config.init_from.target=image_encoder (everything but CoCa's
+attention-pooling head loads; the head starts fresh).
 """
 
 import ml_collections
@@ -32,7 +32,7 @@ VARIANTS = {
     # CoCa-Base's shapes: ViT-B/16 (the paper's is 18 layers of 768), 6 + 6 decoder layers of 512.
     "base": dict(
         image=dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
-        text=dict(width=512, depth=6, heads=8, mlp_dim=2048), multimodal_depth=6, embed_dim=512,
+        text=dict(width=512, depth=6, heads=8, mlp_dim=2048, vocab_size=30522), multimodal_depth=6, embed_dim=512,
         image_size=224, max_len=64,
         optimizer=dict(lr=5e-4, warmup_steps=2000, weight_decay=0.1),
         train=dict(batch_size=4096, steps=100_000, checkpoint_every=2000), eval_every=5000, eval_batch=500),
@@ -52,10 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         multimodal_depth=v["multimodal_depth"],
         dtype="float32",
         remat=False,
-        image=dict(image_size=config_dict.placeholder(int), pool="map", norm="pre", **v["image"]),
-        text=dict(max_len=config_dict.placeholder(int), vocab_size=config_dict.placeholder(int), norm="pre",
-                  **v["text"]),
+        # MAP pooling (CoCa's one-query attentional pooler) over tokens that keep a cls token: CLIP's layout, so a
+        # CLIP run's image encoder (its position table included) loads as it is.
+        image=dict(image_size=config_dict.placeholder(int), pool="map", cls_token=True, norm="pre", **v["image"]),
+        text=dict(max_len=config_dict.placeholder(int), norm="pre",
+                  **{k: val for k, val in v["text"].items() if k != "vocab_size"}),
     ))
+    # None: the tokenizer's vocabulary, resolved when the run starts.
+    c.model.text.vocab_size = v["text"].get("vocab_size") or config_dict.placeholder(int)
     c.data = pipeline.embedded_data_config(negatives=())  # classes + prompts for zero-shot
     c.data.image_size, c.data.max_len = v["image_size"], v["max_len"]
     c.evals = ml_collections.ConfigDict()

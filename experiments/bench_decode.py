@@ -11,10 +11,11 @@ untrained model ends its captions at random lengths). Smoke test: --batches=2 --
 
 What is measured: one jitted call `decoding.generate(model, params, images, DecodeConfig(...))` per batch of test
 images (the image encoder, the cache's creation and the whole while_loop), median wall time over --repeats calls
-after one untimed call (the compilation). Reported per method and batch: ms per call, images/s, decoder steps run
-(the loop stops when every caption has ended), and tokens/s = the generated caption tokens (up to and including
+after one untimed call (the compilation). Reported per method and batch: ms per call, images/s, decoder_steps (the
+longest caption's length: the loop stops once every caption has ended, and for beam search a little later, when no
+live beam can still win, so for beams this is a lower bound), and tokens/s = the generated caption tokens (up to and including
 [SEP], summed over the batch's best sequences) per second. For beam search, beam_tokens/s counts every beam's token
-(batch x beams x steps). `no_cache` runs the same greedy decoding with a full causal forward over the max_len
+(batch x beams x decoder_steps, so a lower bound too). `no_cache` runs the same greedy decoding with a full causal forward over the max_len
 prefix at each step (a lax.fori_loop, max_len - 1 steps); its tokens must equal the cached greedy's.
 """
 
