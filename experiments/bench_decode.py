@@ -13,10 +13,12 @@ What is measured: one jitted call `decoding.generate(model, params, images, Deco
 images (the image encoder, the cache's creation and the whole while_loop), median wall time over --repeats calls
 after one untimed call (the compilation). Reported per method and batch: ms per call, images/s, decoder_steps (the
 longest caption's length: the loop stops once every caption has ended, and for beam search a little later, when no
-live beam can still win, so for beams this is a lower bound), and tokens/s = the generated caption tokens (up to and including
-[SEP], summed over the batch's best sequences) per second. For beam search, beam_tokens/s counts every beam's token
-(batch x beams x decoder_steps, so a lower bound too). `no_cache` runs the same greedy decoding with a full causal forward over the max_len
-prefix at each step (a lax.fori_loop, max_len - 1 steps); its tokens must equal the cached greedy's.
+live beam can still win, so for beams this is a lower bound), and tokens/s = the generated caption tokens (up to and
+including [SEP], summed over the batch's best sequences) per second. For beam search, beam_tokens/s counts every
+beam's token (batch x beams x decoder_steps, so a lower bound too). `no_cache` runs the same greedy decoding with a
+full causal forward over the max_len prefix at each step (a lax.fori_loop, max_len - 1 steps); its tokens must equal
+the cached greedy's. `beam4_reorder_memory` is beam search that also reorders the memory's cached keys with the
+beams (before they were marked as shared); its tokens must equal beam4's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -117,13 +120,20 @@ def main(argv=None) -> None:
         f"beam{args.beam_size}": jax.jit(functools.partial(decoding.generate, model, config=decoding.DecodeConfig(
             "beam", max_len=max_len, beam_size=args.beam_size), **special)),
         "greedy_no_cache": jax.jit(functools.partial(no_cache_greedy, model, max_len=max_len, **special)),
+        # Beam search that reorders the memory's cached keys with the beams too (what it did before they were
+        # marked as shared: traced with decoding.is_memory_cache answering no).
+        f"beam{args.beam_size}_reorder_memory": jax.jit(functools.partial(
+            decoding.generate, model, config=decoding.DecodeConfig("beam", max_len=max_len,
+                                                                   beam_size=args.beam_size), **special)),
     }
     rows = []
     for b in batches:
         x = jax.device_put(images[:b])
         reference = None
         for name, fn in methods.items():
-            out = jax.block_until_ready(fn(params, x))  # compile
+            shared = (lambda path: False) if name.endswith("reorder_memory") else decoding.is_memory_cache
+            with mock.patch.object(decoding, "is_memory_cache", shared):
+                out = jax.block_until_ready(fn(params, x))  # compile (traces under the patch)
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -134,6 +144,10 @@ def main(argv=None) -> None:
                 reference = tokens
             if name == "greedy_no_cache":
                 assert np.array_equal(tokens, reference), "uncached greedy decoding differs from the cached one"
+            if name.startswith("beam") and not name.endswith("reorder_memory"):
+                beam_reference = tokens
+            if name.endswith("reorder_memory"):
+                assert np.array_equal(tokens, beam_reference), "reordering the memory cache changed beam search"
             lengths = np.asarray(decoding.caption_lengths(tokens, tok.sep_id))
             steps = int(lengths.max()) if name != "greedy_no_cache" else max_len - 1
             seconds = statistics.median(times)

@@ -123,13 +123,27 @@ def length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def gather_beams(tree: Any, rows: Array) -> Any:
-    """Every leaf with a leading row axis reordered to `rows` (int [N]); scalars (cache indices) unchanged."""
-    return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), tree)
+def gather_beams(tree: Any, rows: Array, shared: Callable[[Any], bool] | None = None) -> Any:
+    """Every leaf with a leading row axis reordered to `rows` (int [N]); scalars (cache indices) and the leaves
+    whose key path `shared(path)` marks as equal across an example's beams (e.g. the memory's cached keys) are
+    left as they are."""
+    def gather(path, x):
+        if x.ndim == 0 or (shared is not None and shared(path)):
+            return x
+        return jnp.take(x, rows, axis=0)
+
+    return jax.tree_util.tree_map_with_path(gather, tree)
+
+
+def is_memory_cache(path: Any) -> bool:
+    """Whether a cache leaf holds the memory's keys or values (layers.MultiHeadAttention's cross_key /
+    cross_value): the same for every beam of an example, so beam search need not reorder it."""
+    return any(getattr(k, "key", None) in ("cross_key", "cross_value") for k in path)
 
 
 def beam_search(step_fn: StepFn, cache: Any, *, batch: int, beam_size: int, max_len: int, bos_id: int,
-                eos_id: int, pad_id: int = 0, alpha: float = 0.0) -> tuple[Array, Array]:
+                eos_id: int, pad_id: int = 0, alpha: float = 0.0,
+                shared: Callable[[Any], bool] | None = None) -> tuple[Array, Array]:
     """Beam search over B x K rows (the cache's rows are example-major: row b * K + k is beam k of example b).
 
     Each step ranks the 2K best extensions of the K live beams. A candidate ending in EOS is finished only if it
@@ -137,7 +151,8 @@ def beam_search(step_fn: StepFn, cache: Any, *, batch: int, beam_size: int, max_
     counting the tokens after BOS with the EOS. The other candidates refill the K live beams, and the cache rows
     follow their beams. An example is done when no live beam can still beat its K-th finished one (log p only
     falls, and the penalty grows at most to that of max_len). Beams that reach max_len unfinished compete with
-    the finished ones. Returns the best sequence of each example, int [B, max_len], and its score [B].
+    the finished ones. Returns the best sequence of each example, int [B, max_len], and its score [B]. Cache
+    leaves that `shared(key_path)` marks as equal across an example's beams are not reordered (`gather_beams`).
     """
     k, steps = beam_size, max_len - 1
     rows = jnp.arange(batch)[:, None] * k  # first row of each example
@@ -172,7 +187,7 @@ def beam_search(step_fn: StepFn, cache: Any, *, batch: int, beam_size: int, max_
         # Live: the K best candidates that did not end; their cache rows follow them.
         live_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), k)
         live = jnp.take_along_axis(sequences, keep[:, :, None], axis=1)
-        cache = gather_beams(cache, (rows + jnp.take_along_axis(beam, keep, axis=1)).reshape(-1))
+        cache = gather_beams(cache, (rows + jnp.take_along_axis(beam, keep, axis=1)).reshape(-1), shared)
         return t + 1, live, live_logp, finished, finished_scores, cache
 
     live = jnp.broadcast_to(_start(1, max_len, bos_id, pad_id), (batch, k, max_len))
@@ -217,7 +232,7 @@ def generate(model: Any, params: Any, image: Array, config: DecodeConfig, *, bos
         return greedy(step_fn, variables["cache"], batch=batch, **common)
     if config.method == "beam":
         return beam_search(step_fn, variables["cache"], batch=batch, beam_size=config.beam_size,
-                           alpha=config.length_penalty, **common)
+                           alpha=config.length_penalty, shared=is_memory_cache, **common)
     if rng is None:
         raise ValueError("sampling needs an rng")
     return sample(step_fn, variables["cache"], rng, batch=batch, temperature=config.temperature, top_k=config.top_k,

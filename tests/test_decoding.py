@@ -188,6 +188,28 @@ def test_beam_size_one_equals_greedy_on_a_model(name):
     assert np.all(np.asarray(wide[1]) >= np.asarray(greedy[1]) - 1e-5)
 
 
+def test_beam_search_need_not_reorder_the_memory_cache(monkeypatch):
+    """The memory's cached keys are the same for every beam of an image, so leaving them in place (the default)
+    decodes exactly as reordering them with the beams does."""
+    model = small_model("captioner", vocab=6, max_len=10)
+    params, image, _, _ = init(model, batch=4)
+    config = decoding.DecodeConfig("beam", max_len=10, beam_size=3)
+    common = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    kept = decoding.generate(model, params, image, config, **common)
+    marked = []
+    real = decoding.is_memory_cache
+
+    def reorder_everything(path):
+        marked.append(real(path))
+        return False
+
+    monkeypatch.setattr(decoding, "is_memory_cache", reorder_everything)
+    moved = decoding.generate(model, params, image, config, **common)
+    assert any(marked), "the captioner's cache has memory keys for is_memory_cache to find"
+    np.testing.assert_array_equal(np.asarray(moved[0]), np.asarray(kept[0]))
+    np.testing.assert_allclose(np.asarray(moved[1]), np.asarray(kept[1]), rtol=1e-6)
+
+
 def test_decoded_tokens_are_padded_after_eos():
     step_fn, cache_for, _ = toy_model(3, length=8, vocab=4)
     for fn in (functools.partial(decoding.greedy, step_fn, cache_for(4)),
