@@ -47,6 +47,10 @@ class Checkpointer:
         logging.info("restoring checkpoint step %d from %s", step, self.directory)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a regular checkpoint step (a multiple of every_steps)."""
+        return step % self.every_steps == 0
+
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Saves when `step` is a multiple of `every_steps` (or `force`); returns whether a save started."""
         if not force and step % self.every_steps:

@@ -5,13 +5,15 @@
     python -m mmjax.train --config=configs/clip.py:large --dry_run     # build abstractly, print sizes, exit
 
 Rerunning the same command resumes from the latest checkpoint in WORKDIR. WORKDIR receives config.json,
-checkpoints/, metrics.jsonl (one JSON record per line) and tensorboard/.
+checkpoints/, metrics.jsonl (one JSON record per line) and tensorboard/. SIGTERM or Ctrl-C saves a checkpoint after
+the current step and exits with 143 / 130; a second run on the same WORKDIR is refused while the first one runs.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -20,12 +22,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli_logging, optim, sharding
+from mmjax import checkpoint, cli_logging, optim, reliability, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
 from mmjax.evaluation.evaluators import build_evaluators, run_evaluators
@@ -123,8 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
               f"{config.train.batch_size}: {flops / 1e12 if flops else float('nan'):.3f} TFLOPs")
         return {"params": n_params, "train_step_flops": flops}
 
-    # 4. Workdir, state (created sharded), resume or a fresh start (from init_from's weights, if any).
+    # 4. Workdir (one run writes to it at a time), state (created sharded), resume or a fresh start (from
+    #    init_from's weights, if any).
     workdir = check_workdir(workdir)
+    lock = reliability.WorkdirLock(workdir, process_index=jax.process_index())
     state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"), meta.answer_vocab,
@@ -147,23 +150,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     step_fn = jit_train_step(task, tx, schedule, mesh, shardings)
     rng = jax.random.key(config.seed + 1)
 
-    # 7. Loop.
+    # 7. Loop. SIGTERM / SIGINT finish the step, save and stop (reliability.StopSignals); a non-finite loss,
+    #    gradient or parameter norm stops the run before that state can be saved.
     eval_metrics: dict = {}
     log_every, last = config.train.log_every, config.train.steps
     compiled, flops = None, 0.0
     t_last, step_last = time.perf_counter(), start_step
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with lock, jax.set_mesh(mesh), nn.logical_axis_rules(rules), reliability.StopSignals() as signals:
         for step in range(start_step + 1, last + 1):
             batch = sharding.make_global_batch(next(batches), mesh)
             if compiled is None:  # compile once, explicitly, to read the step's FLOPs from XLA
                 compiled = step_fn.lower(state, batch, rng).compile()
                 flops = step_flops(compiled) or 0.0
             state, metrics = compiled(state, batch, rng)
+            stopping = signals.requested(ckpt.manager, step)
+            saving = stopping or step == last or ckpt.due(step)
+            if saving or step % log_every == 0:  # the host looks at the metrics (and so waits for the step) here
+                metrics = jax.device_get(metrics)
+                reliability.check_finite(metrics, step, ckpt.latest_step())
 
             if step % log_every == 0 or step == last:
-                metrics = jax.device_get(metrics)
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
                 now = time.perf_counter()
                 steps_per_s = (step - step_last) / (now - t_last)
                 t_last, step_last = now, step
@@ -177,13 +183,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                              time.strftime("%H:%M:%S", time.gmtime(eta)))
 
             due = {name: ev for name, ev in evaluators.items() if step % ev.every_steps == 0 or step == last}
-            if due:
+            if due and not stopping:  # a preempted run saves first; the evaluation can wait for the rerun
                 eval_metrics = run_evaluators(due, state["params"], step)
                 writer.write(step, "eval", eval_metrics)
                 logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 t_last = time.perf_counter()  # keep eval time out of the throughput figure
 
-            ckpt.save(step, state, force=step == last)
+            if saving:
+                ckpt.save(step, state, force=True)
+            if stopping:
+                ckpt.close()
+                writer.close()
+                raise reliability.Stopped(signals.signum or signal.SIGTERM, step)
     ckpt.close()
     writer.close()
     return eval_metrics
@@ -208,6 +219,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")
     try:
         train_and_evaluate(config, _WORKDIR.value, dry_run=_DRY_RUN.value)
+    except reliability.Stopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, FileNotFoundError) as e:
         # Input errors (mesh, batch size, workdir, tokenizer path, image/patch size) end in one line.
         if logging.get_verbosity() >= logging.DEBUG:
