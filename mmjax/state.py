@@ -121,8 +121,10 @@ def restore_or_init(state: dict, shardings: dict, ckpt: checkpoint.Checkpointer 
     checkpoint whose VQA head answered other answers, or whose word embeddings belong to another tokenizer, is
     refused."""
     if ckpt is not None and ckpt.latest_step() is not None:
-        state = ckpt.restore(checkpoint.abstract_with_shardings(state, shardings))
-        return state, f"restored step {int(state['step'])} from {ckpt.directory}"
+        state, problems = ckpt.restore_intact(checkpoint.abstract_with_shardings(state, shardings),
+                                              fallback=bool(getattr(ckpt, "fallback", True)))
+        skipped = f" (newer steps that did not restore: {'; '.join(problems)})" if problems else ""
+        return state, f"restored step {int(state['step'])} from {ckpt.directory}{skipped}"
     if init_from is None or not init_from.get("path"):
         return state, "initialised from scratch"
     source = pretrained.load_checkpoint(init_from.path, init_from.get("step"))

@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli_logging, optim, reliability, sharding
+from mmjax import checkpoint, cli_logging, config_checks, optim, reliability, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
 from mmjax.evaluation.evaluators import build_evaluators, run_evaluators
@@ -92,7 +92,8 @@ def step_flops(compiled: Any) -> float | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *, dry_run: bool = False) -> dict:
     """Runs (or resumes) training as the config says; returns the last evaluation's metrics."""
-    # 1. Mesh and batch split: fail fast on a mesh or batch size that cannot work.
+    # 1. The config's values, the mesh and the batch split: fail fast on anything that cannot work.
+    config_checks.check(config)
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding.rules)
     sharding.check_batch_size(config.train.batch_size, mesh)
@@ -205,7 +206,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # config_flags raises various types; all are user input errors here
-        message = str(e.args[0] if getattr(e, "args", None) else e).replace("\n", " ").strip("'\" ")
+        message = str(e.args[0] if getattr(e, "args", None) else e)
+        if "Traceback" in message:  # an error inside get_config, wrapped with its traceback: keep what it said
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            message = f"{message.split('Traceback')[0].strip()} {lines[-1]}"
+        # A KeyError's message arrives as its repr: literal \' and \n sequences.
+        message = message.replace("\\n", " ").replace("\\'", "'").replace("\n", " ").strip()
+        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a quoted whole
+            message = message[1:-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -214,7 +222,14 @@ def main(argv: list[str]) -> None:
     """CLI entry point."""
     del argv
     cli_logging.quiet_foreign_info()
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.keys()  # config_flags may load the file only when the config is first read
+    except Exception as e:  # a missing file or a get_config error: config_flags wraps it with its traceback text
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: --config: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")
     try:
