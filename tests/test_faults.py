@@ -160,7 +160,7 @@ def test_bad_config_values_are_listed_in_one_line_before_anything_is_written(tin
         trainer.train_and_evaluate(tiny_config, str(workdir))
     message = str(bad.value)
     assert "\n" not in message
-    for part in ("train.batch_size=0 (must be an integer >= 1)", "optimizer.lr=nan (must be a finite number > 0)",
+    for part in ("train.batch_size=0 (must be an integer >= 1)", "optimizer.lr=nan (must be a finite number >= 0)",
                  "optimizer.warmup_steps=-4 (must be an integer >= 0)", "checkpoint.every_steps=0"):
         assert part in message
     assert not workdir.exists()
