@@ -28,9 +28,13 @@ setup(
         "importlib_resources>=5",
         # The evaluation report's plots (python -m mmjax.evaluate).
         "matplotlib>=3.8",
+        # Audio: decoding (libsndfile: WAV, FLAC, OGG, ...) and resampling in the builders and the input pipeline.
+        "soundfile>=0.12",
+        "soxr>=0.3",
     ],
     extras_require={
-        # pycocoevalcap: the reference our caption metrics are tested against (its PTB tokenizer needs Java).
-        "test": ["pytest>=8", "pycocoevalcap>=1.2"],
+        # pycocoevalcap: the reference our caption metrics are tested against (its PTB tokenizer needs Java);
+        # librosa: the reference of the log-mel frontend.
+        "test": ["pytest>=8", "pycocoevalcap>=1.2", "librosa>=0.10"],
     },
 )

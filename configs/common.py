@@ -25,3 +25,17 @@ def add_tail(c: ml_collections.ConfigDict, *, batch_size: int, steps: int, check
     c.checkpoint.every_steps = checkpoint_every
     c.init_from = pretrained.default_init_config()
     return c
+
+
+def audio_tower(**fields) -> dict:
+    """The tiny audio tower of the speech configs (25 ms windows every 10 ms, 64 mel bins, SpecAugment), with the
+    given fields changed; `sample_rate` comes from data.audio. Its patches are 16 frames x all 64 bins (160 ms of
+    the whole band): on the spoken captions that learned speech->image retrieval faster per step and per second
+    than AST's 2-D patches (8 x 32 here: audio->image R@1 1.1% vs 3.7% after 1,500 steps; README "Speech")."""
+    from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+
+    tower = dict(kind="audio", sample_rate=config_dict.placeholder(int), n_fft=400, hop_length=160, n_mels=64,
+                 patch_time=16, patch_freq=64, width=64, depth=2, heads=2, mlp_dim=256, pool="mean",
+                 time_masks=2, time_mask_width=20, freq_masks=2, freq_mask_width=8)
+    tower.update(fields)
+    return tower

@@ -10,7 +10,8 @@
 Every parameter whose path and shape match is loaded; the rest keep their fresh initialisation. One table says
 what happened to each: loaded, new (not in the checkpoint: e.g. a fine-tuning head), skipped (a shape mismatch,
 both shapes shown) and unused (in the checkpoint, not in the model: e.g. the pretraining heads). Patch-position
-tables are resized bicubically on their 2-D grid (cls row kept) when the model's image size differs. e.g. LiT's
+tables are resized bicubically on their 2-D grid (cls row kept) when the model's image size differs, and an audio
+tower's [time, frequency, D] table is resized linearly when the model's clips are longer or shorter. e.g. LiT's
 locked text tower (configs/lit.py): path = the MiniLM directory, source = target = "text_encoder"; VQA
 fine-tuning (configs/vqa.py): path = a pretraining run's workdir. Weights are applied only when a run starts
 fresh: a resumed run restores its own checkpoint instead.
@@ -140,13 +141,18 @@ def _grid(rows: int) -> tuple[int, bool] | None:
 
 def resize_position_tables(new: Any, like: Any) -> Any:
     """Patch-position tables of `new` ("...pos_embedding" leaves [rows, D]) resized to the rows of the same leaf
-    in `like`: bicubic on the 2-D grid, the cls row kept (fine-tuning at another image size). Others unchanged."""
+    in `like`: bicubic on the 2-D grid, the cls row kept (fine-tuning at another image size); audio tables
+    [time, frequency, D] linearly to the other grid (clips of another length). Others unchanged."""
     like_shapes = _shapes(like)
 
     def resize(path, x):
         key = jax.tree_util.keystr(path)
         want = like_shapes.get(key)
-        if not key.endswith("pos_embedding']") or want is None or np.shape(x) == want or np.ndim(x) != 2:
+        if not key.endswith("pos_embedding']") or want is None or np.shape(x) == want:
+            return x
+        if np.ndim(x) == 3 and len(want) == 3 and want[2] == np.shape(x)[2]:  # AudioEncoder's time x frequency grid
+            return np.asarray(jax.image.resize(np.asarray(x, np.float32), want, method="linear"))
+        if np.ndim(x) != 2:
             return x
         if "embeddings']" in key:  # a text position table (TextEmbeddings): a sequence, not a patch grid
             return x

@@ -27,13 +27,14 @@ DATA_FIELDS = {
     "num_region_classes": "the regions' classes",
     "image_size": "data.image_size",
     "max_len": "data.max_len",
+    "sample_rate": "data.audio.sample_rate",
     "vqa_labels": "the answer vocabulary",
 }
 
 
 def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[str]:
     """Fills the model config's data-given fields (vocab_size, region_feat_dim, num_region_classes, image_size,
-    max_len, vqa_labels) wherever they are None, in the model section and its tower dicts; returns one line per
+    max_len, sample_rate, vqa_labels) wherever they are None, in the model section and its tower dicts; returns one line per
     field set.
 
     This is the one place where the data sizes the model. A vocab_size set in the config must hold the tokenizer's
@@ -42,6 +43,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[s
     values = {"vocab_size": meta.vocab_size, "region_feat_dim": meta.region_feature_dim,
               "num_region_classes": meta.region_classes, "image_size": config.data.image_size,
               "max_len": config.data.max_len,
+              "sample_rate": (config.data.get("audio") or {}).get("sample_rate"),
               "vqa_labels": len(meta.answer_vocab) if meta.answer_vocab else None}
     done = []
 
@@ -58,7 +60,8 @@ def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[s
                 done.append(f"{path}.{key} = {values[key]} ({DATA_FIELDS[key]})")
             elif key == "vocab_size" and value < values[key]:
                 raise ValueError(f"{path}.vocab_size={value} is smaller than the tokenizer's {values[key]} tokens")
-            elif key in ("region_feat_dim", "num_region_classes", "vqa_labels") and value != values[key]:
+            elif key in ("region_feat_dim", "num_region_classes", "vqa_labels", "sample_rate") \
+                    and value != values[key]:
                 raise ValueError(f"{path}.{key}={value} but the data gives {values[key]} ({DATA_FIELDS[key]})")
 
     visit(config.model, "model")

@@ -51,3 +51,30 @@ def load_config(embedded_data_dir):
         return config
 
     return load
+
+
+@pytest.fixture(scope="session")
+def spoken_data_dir(embedded_data_dir) -> str:
+    """A TFDS data_dir holding spoken_easy_vqa/tiny (96 train / 48 test images spoken by espeak-ng, ~10 s to
+    build; reused from MMJAX_TEST_DATA_DIR when set). Skips, saying why, where espeak-ng is not installed."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the spoken-caption tests need it")
+    from mmjax.data import sources, spoken_captions  # pylint: disable=import-outside-toplevel
+
+    sources.open_source("spoken", spoken_captions.source_config(name="spoken_easy_vqa/tiny",
+                                                                data_dir=embedded_data_dir))
+    return embedded_data_dir
+
+
+@pytest.fixture(scope="session")
+def load_audio_config(load_config, spoken_data_dir):
+    """load_audio_config('audio_image.py') -> that config reading spoken_easy_vqa/tiny (the session's copy)."""
+
+    def load(filename: str, arg: str | None = None):
+        config = load_config(filename, arg)
+        config.data.sources.spoken.update(dict(name="spoken_easy_vqa/tiny", data_dir=spoken_data_dir))
+        return config
+
+    return load

@@ -8,6 +8,9 @@
         [--vocab_size=3129] [--answer_vocab=FILE] [--skip_bad] [--tokenizer_vocab_size=8000]
     python -m mmjax.data.build easy_vqa --out=DIR [--limit=N]
     python -m mmjax.data.build image_folder --images=CLASS_FOLDERS --out=DIR [--name=NAME]
+    python -m mmjax.data.build audio_text --annotations=my_data/captions.jsonl --audio=my_data/audio \\
+        --out=my_data/tfds [--images=DIR] [--name=NAME] [--sample_rate=16000] [--downmix] [--eval_fraction=0.05] \\
+        [--skip_bad] [--tokenizer_vocab_size=8000]
 
 `image_text` is `mmjax.data.image_text.build_image_text` and `vqa` is `mmjax.data.vqa.build_vqa` (their module
 docstrings document the file formats). A vqa split is "questions,annotations,image folder[,image pattern]"; leave
@@ -15,7 +18,9 @@ the annotations empty for a split without answers; the pattern defaults to VQAv2
 "COCO_{coco_split}_{image_id:012d}.jpg". `easy_vqa` writes the easy-vqa package's train and test splits as
 VQAv2 files into `<out>/easy_vqa_files/` (first `limit` questions of each) and builds them as dataset "easy_vqa".
 `image_folder` is `mmjax.data.image_folder.build_image_folder`: labelled images, one folder per class (zero-shot
-classification data).
+classification data). `audio_text` is `mmjax.data.audio_text.build_audio_text`: audio clips (any format libsndfile
+reads, resampled to --sample_rate, stored as int16) with captions / transcripts, optionally an image and a label
+per clip; --downmix averages multi-channel clips (otherwise they are bad input).
 
 Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split and
 the skip summary. Bad input prints `error: <message>` on stderr and exits with status 2.
@@ -33,12 +38,12 @@ import sys
 from typing import Sequence
 
 from mmjax import cli_logging
-from mmjax.data import image_folder, image_text, vqa
+from mmjax.data import audio_text, image_folder, image_text, vqa
 
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-COMMANDS = ("image_text", "vqa", "easy_vqa", "image_folder")
+COMMANDS = ("image_text", "vqa", "easy_vqa", "image_folder", "audio_text")
 VQA_SPLITS = ("train", "validation", "test")
 
 
@@ -84,6 +89,15 @@ def run(command: str, values: dict) -> str:
         if not values.get("images"):
             raise ValueError("--images is required (the folder of class folders)")
         return image_folder.build_image_folder(values["images"], values["out"], name=values.get("name"), **storage)
+    if command == "audio_text":
+        for key in ("annotations", "audio"):
+            if not values.get(key):
+                raise ValueError(f"--{key} is required")
+        return audio_text.build_audio_text(
+            values["annotations"], values["audio"], values["out"], images=values.get("images"),
+            name=values.get("name"), sample_rate=values["sample_rate"], downmix=values["downmix"],
+            eval_fraction=values["eval_fraction"], skip_bad=values["skip_bad"],
+            tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
     raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
 
 
@@ -98,17 +112,21 @@ def report(path: str) -> None:
 def _define_flags() -> None:
     """The CLI's flags; only defined when run as a program (other mmjax modules define absl flags too)."""
     flags.DEFINE_string("out", None, "TFDS data dir to build into.")
-    flags.DEFINE_string("name", None, "Dataset (config) name; image_text: the annotation file's stem.")
+    flags.DEFINE_string("name", None, "Dataset (config) name; image_text, audio_text: the annotation file's stem.")
     flags.DEFINE_bool("skip_bad", False, "Skip (and count) bad rows instead of failing.")
     flags.DEFINE_integer("tokenizer_vocab_size", 8000, "WordPiece vocabulary size; 0: no tokenizer.")
     flags.DEFINE_enum("file_format", "tfrecord", list(image_text.FILE_FORMATS),
                       "Shard format: tfrecord, or array_record (random access, exact resume without re-reading).")
     flags.DEFINE_integer("num_shards", None, "Files per split (default: TFDS sizes them), e.g. a multiple of hosts.")
-    flags.DEFINE_string("annotations", None, "image_text: .jsonl / .csv / .tsv annotation file.")
-    flags.DEFINE_string("images", None, "image_text: folder the image paths are relative to; image_folder: the "
-                                        "folder of class folders.")
+    flags.DEFINE_string("annotations", None, "image_text, audio_text: .jsonl / .csv / .tsv annotation file.")
+    flags.DEFINE_string("images", None, "image_text (audio_text: optional): folder the image paths are relative "
+                                        "to; image_folder: the folder of class folders.")
+    flags.DEFINE_string("audio", None, "audio_text: folder the audio paths are relative to.")
+    flags.DEFINE_integer("sample_rate", 16000, "audio_text: sample rate (Hz) the clips are resampled to.")
+    flags.DEFINE_bool("downmix", False, "audio_text: average multi-channel clips to mono (else they are errors).")
     flags.DEFINE_string("regions", None, "image_text: folder of per-image region .npz files.")
-    flags.DEFINE_float("eval_fraction", 0.05, "image_text: images held out as validation when no split given.")
+    flags.DEFINE_float("eval_fraction", 0.05, "image_text, audio_text: images (audio_text without images: clips) "
+                                              "held out as validation when no split given.")
     for split in VQA_SPLITS:
         flags.DEFINE_string(split, None, f"vqa: {split} split, QUESTIONS,ANNOTATIONS,IMAGE_DIR[,PATTERN].")
     flags.DEFINE_integer("vocab_size", vqa.DEFAULT_VOCAB_SIZE, "vqa: answer vocabulary size.")

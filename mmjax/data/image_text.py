@@ -268,15 +268,16 @@ def _jsonl_fields(path: str) -> Iterator[tuple[int, dict | BadInput]]:
                 yield line, value
 
 
-def _csv_fields(path: str, delimiter: str) -> Iterator[tuple[int, dict | BadInput]]:
+def _csv_fields(path: str, delimiter: str, required: tuple[str, ...] = ("image", "caption")
+                ) -> Iterator[tuple[int, dict | BadInput]]:
     """(line number, fields or the BadInput of a malformed record) per non-blank record after the header."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty file (expected a header row with image and caption columns)")
+            raise ValueError(f"{path}: empty file (expected a header row with {' and '.join(required)} columns)")
         header = [h.strip() for h in header]
-        missing = [c for c in ("image", "caption") if c not in header]
+        missing = [c for c in required if c not in header]
         if missing:
             raise ValueError(f"{path}, line 1: header {header!r} lacks the column(s) {', '.join(missing)}")
         start = reader.line_num + 1

@@ -10,6 +10,10 @@ dataset (the embedded one included); what a dataset offers is described to the t
 Batch keys (numpy, per process; b = global_batch_size // process_count, L = data_config.max_len):
 
     image          float32 [b, S, S, 3]  normalised: (pixel / 255 - mean) / std, S = data_config.image_size
+    audio          float32 [b, N]        audio sources: samples in [-1, 1) at data.audio.sample_rate, a clip's
+                                         start zero-padded to N = max_seconds * sample_rate (the model's tower
+                                         makes the log-mel features on device)
+    audio_length   int32   [b]           audio sources: the clip's real samples (<= N); frames after it are padding
     image_mask     int32   [b, S, S]     with data.image_canvas (S = it): 1 on the image's pixels, 0 on padding
     text_ids       int32   [b, L]        [CLS] tokens [SEP] then pad_id (a random caption in train, caption 0 in eval)
     text_mask      int32   [b, L]        1 on real tokens incl. [CLS] / [SEP], 0 on padding
@@ -82,6 +86,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         # padded to max_regions (precomputed) per example.
         regions=dict(enabled=False, max_regions=36),
         answers=False,          # VQA sources: also deliver the answer soft scores as `answers` [V]
+        # Audio sources: the rate every clip is read at (a dataset at another rate is resampled while reading) and
+        # the clip length of a batch (longer clips keep their first max_seconds).
+        audio=dict(sample_rate=16000, max_seconds=4.0),
     ))
 
 
@@ -217,12 +224,19 @@ def _region_keys(cfg, meta, b):
             "region_mask": ((b, r), np.int32)}
 
 
-MODALITY_KEYS: dict[str, Callable] = {"image": _image_keys, "text": _text_keys, "regions": _region_keys}
+def _audio_keys(cfg, meta, b):
+    return {"audio": ((b, sources.audio_samples(cfg)), np.float32), "audio_length": ((b,), np.int32)}
+
+
+MODALITY_KEYS: dict[str, Callable] = {"image": _image_keys, "audio": _audio_keys, "text": _text_keys,
+                                      "regions": _region_keys}
 
 
 def modalities(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The modalities a model reads from this data's batches."""
-    return ("image", "text") + (("regions",) if data_config.regions.enabled else ())
+    """The modalities a model reads from this data's batches: those of the train sources' kinds (+ regions)."""
+    kinds = {m for _, cfg in _sources(data_config) for m in sources.KINDS.get(cfg.kind, ())}
+    found = tuple(m for m in ("image", "audio", "text") if m in kinds) or ("image", "text")
+    return found + (("regions",) if data_config.regions.enabled else ())
 
 
 def batch_shapes(data_config: ml_collections.ConfigDict, meta: DatasetMeta, batch_size: int = 1) -> dict:

@@ -63,8 +63,15 @@ from mmjax import configlib
 from mmjax.data import preprocess
 
 # What each kind of source yields, by modality; a new modality is a new kind here and a new parse branch.
-KINDS: dict[str, tuple[str, ...]] = {"image_text": ("image", "text"), "vqa": ("image", "text", "answers"),
-                                     "image_label": ("image", "text")}  # a labelled image's text: its class name
+KINDS: dict[str, tuple[str, ...]] = {
+    "image_text": ("image", "text"), "vqa": ("image", "text", "answers"),
+    "image_label": ("image", "text"),             # a labelled image's text: its class name
+    "audio_text": ("audio", "text"),              # a clip and its transcript / caption (audio + image: below)
+    "audio_image_text": ("audio", "image", "text"),  # spoken captions of images (SpokenCOCO, spoken_easy_vqa)
+    "audio_label": ("audio", "text"),             # a labelled clip (speech_commands, spoken_digit): its class name
+}
+# Kinds whose texts are the text_key feature (the others make their text from a label or a question).
+CAPTION_KINDS = ("image_text", "audio_text", "audio_image_text")
 VQA_TEXT = ("question", "question_answer")
 CHUNK = 64  # examples finished at once (vectorised), and the in-memory reader's unit of random draws
 
@@ -72,7 +79,8 @@ CHUNK = 64  # examples finished at once (vectorised), and the in-memory reader's
 def source_config(**overrides) -> ml_collections.ConfigDict:
     """One source of `data.sources` with its defaults; keyword arguments override fields."""
     c = ml_collections.ConfigDict(dict(
-        kind="image_text",   # image_text: image + captions; vqa: image + question (+ answer soft scores)
+        kind="image_text",   # a KINDS name: image_text, vqa (image + question + answers), image_label, audio_text,
+                             # audio_image_text, audio_label
         name=config_dict.placeholder(str),      # a TFDS catalogue name, e.g. "coco_captions/2014"
         dir=config_dict.placeholder(str),       # or a prepared dataset directory (mmjax.data.build prints it)
         data_dir=config_dict.placeholder(str),  # for `name`: where it is prepared (None = ~/tensorflow_datasets)
@@ -82,6 +90,7 @@ def source_config(**overrides) -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="validation",
         image_key="image",   # feature paths, "/" for nesting (coco_captions: text_key="captions/text")
+        audio_key="audio",   # audio kinds: an Audio feature (int16 or float samples) at its dataset's sample rate
         text_key="captions",
         id_key="image_id",   # None or missing: the position within the split
         label_key=config_dict.placeholder(str),  # a ClassLabel feature -> `label`; its names are the classes
@@ -152,13 +161,20 @@ def open_source(key: str, cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
         raise ValueError(f"data.sources.{key}: {builder.name} is stored as {_file_format(builder)}; the reader "
                          f"reads TFRecord and ArrayRecord shards")
     features = builder.info.features
-    # id_key may be absent (examples are then numbered by position); the image and the text must be there.
-    for what in ("image_key", "text_key") if cfg.kind == "image_text" else ("image_key",):
+    # id_key may be absent (examples are then numbered by position); the inputs and the text must be there.
+    needed = [f"{m}_key" for m in ("image", "audio") if m in KINDS[cfg.kind]]
+    needed += ["text_key"] if cfg.kind in CAPTION_KINDS else []
+    for what in needed:
         if _feature(features, cfg[what]) is None:
             raise ValueError(f"data.sources.{key}.{what}={cfg[what]!r} is not a feature of {builder.name}; "
                              f"features: {sorted(features.keys())}")
-    if cfg.kind == "image_label" and not cfg.label_key:
-        raise ValueError(f"data.sources.{key}: kind='image_label' needs label_key (the ClassLabel feature)")
+    if "audio" in KINDS[cfg.kind]:
+        audio = _feature(features, cfg.audio_key)
+        if not isinstance(audio, tfds.features.Audio) or len(audio.shape) != 1:
+            raise ValueError(f"data.sources.{key}.audio_key={cfg.audio_key!r} is not a mono Audio feature of "
+                             f"{builder.name} (got {type(audio).__name__} {getattr(audio, 'shape', '')})")
+    if cfg.kind.endswith("_label") and not cfg.label_key:
+        raise ValueError(f"data.sources.{key}: kind={cfg.kind!r} needs label_key (the ClassLabel feature)")
     if cfg.kind == "vqa":
         missing = [k for k in ("question", "answer_ids", "answer_scores") if k not in features]
         if missing:
@@ -297,6 +313,7 @@ class SourceMeta:
     region_classes: int | None = None               # width of region_targets (None: no targets)
     answer_vocab: tuple[str, ...] | None = None     # VQA answers, index = position in `answers`
     texts_per_example: int | None = None            # captions per image when every example has the same number
+    sample_rate: int | None = None                  # audio kinds: the dataset's sample rate (Hz)
 
 
 # Named prompt-template sets for zero-shot classification (a source's `prompts` may name one, or list its own).
@@ -343,12 +360,14 @@ def describe(key: str, cfg: ml_collections.ConfigDict, data_config: ml_collectio
         meta.update(_region_meta(key, cfg, builder, data_config))
     if cfg.kind == "vqa":
         meta["answer_vocab"] = tuple(answer_vocab(builder))
-    text = _feature(features, cfg.text_key) if cfg.kind == "image_text" else None
+    text = _feature(features, cfg.text_key) if cfg.kind in CAPTION_KINDS else None
     shape = getattr(text, "shape", None)
     if shape is not None and len(shape) == 1 and shape[0]:
         meta["texts_per_example"] = int(shape[0])
-    elif cfg.kind != "image_text" or (shape is not None and len(shape) == 0):
+    elif cfg.kind not in CAPTION_KINDS or (shape is not None and len(shape) == 0):
         meta["texts_per_example"] = 1
+    if "audio" in KINDS[cfg.kind]:
+        meta["sample_rate"] = int(_feature(features, cfg.audio_key).sample_rate)
     return SourceMeta(**meta)
 
 
@@ -393,7 +412,8 @@ class _Example:
         self.key, self.index, self.cfg, self.meta = key, index, cfg, meta
         self.train, self.seed, self.process_index = train, seed, process_index
         self.features = builder.info.features
-        image_feature = _feature(self.features, cfg.image_key)
+        self.has_image, self.has_audio = "image" in KINDS[cfg.kind], "audio" in KINDS[cfg.kind]
+        image_feature = _feature(self.features, cfg.image_key) if self.has_image else None
         self.decoders = None
         if isinstance(image_feature, tfds.features.Image) and "/" not in cfg.image_key:
             self.decoders = {cfg.image_key: tfds.decode.SkipDecoding()}  # decoded after the resume skip
@@ -410,7 +430,13 @@ class _Example:
         else:
             plain = preprocess.image_preprocess_fn(cfg.image, train=train, image_size=self.image_size)
             self.image_fn = lambda image, seed: {"image": plain(image, seed)}
-        self.deterministic_image = preprocess.is_deterministic(cfg.image, train=train)
+        self.deterministic_image = preprocess.is_deterministic(cfg.image, train=train) or not self.has_image
+        if self.has_audio:
+            self.sample_rate, self.max_samples = int(data_config.audio.sample_rate), audio_samples(data_config)
+            if meta.sample_rate != self.sample_rate:
+                logging.warning("data.sources.%s is at %d Hz; resampling it to data.audio.sample_rate=%d Hz while "
+                                "reading (slow: rebuild the dataset at %d Hz for long runs)", key,
+                                meta.sample_rate, self.sample_rate, self.sample_rate)
         self.has_id = bool(cfg.id_key) and _feature(self.features, cfg.id_key) is not None
         self.regions = bool(data_config.regions.enabled)
         self.from_boxes = self.regions and bool(cfg.regions_from_boxes.box_key)
@@ -429,7 +455,9 @@ class _Example:
         cfg = self.cfg
         ex = self.features.deserialize_example(record, decoders=self.decoders)
         raw = {"image_id": tf.cast(_get(ex, cfg.id_key), tf.int32) if self.has_id else tf.constant(-1, tf.int32)}
-        if with_image:
+        if self.has_audio:
+            raw.update(self.audio(_get(ex, cfg.audio_key)))
+        if with_image and self.has_image:
             image = _get(ex, cfg.image_key)
             raw["image"] = preprocess.decode_image(image) if image.dtype == tf.string else image
         if cfg.kind == "vqa":
@@ -444,7 +472,7 @@ class _Example:
                 raw["question_id"] = tf.cast(ex["question_id"], tf.int32)
                 raw["answers"] = tf.scatter_nd(tf.cast(ex["answer_ids"], tf.int32)[:, None],
                                                tf.cast(ex["answer_scores"], tf.float32), [len(self.meta.answer_vocab)])
-        elif cfg.kind == "image_label":
+        elif cfg.kind.endswith("_label"):
             raw["texts"] = tf.reshape(tf.gather(tf.constant(self.meta.class_names), _get(ex, cfg.label_key)), [1])
         else:
             texts = _get(ex, cfg.text_key)
@@ -465,6 +493,20 @@ class _Example:
             raw.update(_precomputed_regions(ex, self.max_regions))
         return raw
 
+    def audio(self, samples: tf.Tensor) -> dict[str, tf.Tensor]:
+        """A clip -> int16 samples [max_samples] (its start, zero-padded) at data.audio.sample_rate and its real
+        length. Resampled here (soxr, on the host) only when the dataset's rate differs."""
+        if samples.dtype.is_floating:
+            samples = tf.cast(tf.round(tf.clip_by_value(samples, -1.0, 32767 / 32768) * 32768), tf.int16)
+        samples = tf.cast(tf.clip_by_value(samples, -32768, 32767), tf.int16)  # catalogues store int64 samples
+        if self.meta.sample_rate != self.sample_rate:
+            rates = (self.meta.sample_rate, self.sample_rate)
+            samples = tf.numpy_function(lambda x: _resample_int16(x, *rates), [samples], tf.int16, stateful=False)
+        samples = tf.reshape(samples, [-1])[:self.max_samples]
+        length = tf.shape(samples)[0]
+        padded = tf.ensure_shape(tf.pad(samples, [[0, self.max_samples - length]]), [self.max_samples])
+        return {"audio": padded, "audio_length": length}
+
     # -- per example: geometric image preprocessing and the text choice (streamed readers)
 
     def prepare(self, position: tf.Tensor, raw: dict) -> dict[str, tf.Tensor]:
@@ -472,7 +514,8 @@ class _Example:
         out = dict(raw)
         k_image, k_text = tf.unstack(tf.random.experimental.stateless_split(
             _seed(self.seed, self.index, self.process_index, position), 2))
-        out.update(self.image_fn(raw["image"], k_image))
+        if self.has_image:
+            out.update(self.image_fn(raw["image"], k_image))
         texts = out.pop("texts")
         n = tf.shape(texts)[0]
         tf.debugging.assert_positive(n, message=f"data.sources.{self.key}: an example without texts")
@@ -487,7 +530,10 @@ class _Example:
         """Normalisation, hard negatives and regions from boxes, on a chunk [c, ...] of examples."""
         cfg = self.cfg
         out = dict(chunk)
-        out["image"] = preprocess.normalize(chunk["image"], self.mean, self.std)
+        if self.has_audio:
+            out["audio"] = tf.cast(chunk["audio"], tf.float32) / 32768.0
+        if self.has_image:
+            out["image"] = preprocess.normalize(chunk["image"], self.mean, self.std)
         if "image_mask" in chunk:  # padding is zero after normalisation, as transformers' ViLT processor pads
             out["image"] = out["image"] * tf.cast(chunk["image_mask"], tf.float32)[..., None]
         text = chunk["caption"]
@@ -507,6 +553,19 @@ class _Example:
                                           num_classes=self.meta.region_classes))
         out["source"] = tf.fill(tf.shape(chunk["image_id"]), self.index)
         return out
+
+
+def audio_samples(data_config: ml_collections.ConfigDict) -> int:
+    """Samples per clip in a batch: data.audio.max_seconds at data.audio.sample_rate."""
+    return int(round(float(data_config.audio.max_seconds) * int(data_config.audio.sample_rate)))
+
+
+def _resample_int16(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """int16 samples at rate_in -> int16 at rate_out (soxr, as the builders resample)."""
+    import soxr  # pylint: disable=import-outside-toplevel
+
+    wave = soxr.resample(samples.astype(np.float32) / 32768.0, rate_in, rate_out, quality="HQ")
+    return np.clip(np.round(wave * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def _pad_rows(x: tf.Tensor, rows: int) -> tf.Tensor:
@@ -655,7 +714,7 @@ def _memory(key: str, cfg_json: str, data_json: str, split: str, process_index: 
 
     def parse(record):
         raw = ex.parse(record)
-        if ex.deterministic_image:
+        if ex.deterministic_image and ex.has_image:
             raw.update(ex.image_fn(raw["image"], tf.zeros([2], tf.int64)))
             raw["image"] = tf.cast(tf.clip_by_value(tf.round(raw["image"]), 0, 255), tf.uint8)
         raw["num_texts"] = tf.shape(raw["texts"])[0]
@@ -664,7 +723,7 @@ def _memory(key: str, cfg_json: str, data_json: str, split: str, process_index: 
     parts = list(records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).padded_batch(1024).as_numpy_iterator())
     if not parts:
         raise ValueError(f"data.sources.{key}: split {split!r} slice {process_index}/{process_count} is empty")
-    shapes = {p["image"].shape[1:] for p in parts}
+    shapes = {p["image"].shape[1:] for p in parts} if ex.has_image else set()
     if len(shapes) > 1 or (not ex.deterministic_image and any(0 in s for s in shapes)):
         raise ValueError(f"data.sources.{key}.in_memory: images of different sizes {sorted(shapes)} can only be "
                          f"held in memory after a deterministic resize (no random_resized_crop / flip / "
@@ -703,7 +762,9 @@ def _memory_chunks(ex: _Example, data: dict[str, np.ndarray], chunks: tf.data.Da
         def gather_and_finish(first, idx, drop):
             chunk = gather(first, idx, drop)
             del chunk["position"]
-            return ex.finish(dict(chunk, image=tf.cast(chunk["image"], tf.float32)))
+            if ex.has_image:
+                chunk["image"] = tf.cast(chunk["image"], tf.float32)
+            return ex.finish(chunk)
 
         return chunks.map(gather_and_finish, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -11,9 +11,13 @@ source's eval_split) in order through the input pipeline, padded batches masked 
 What an evaluator needs to know about the data (class names, prompts, attribute words, region classes) comes from
 the pipeline's DatasetMeta.
 
-    zero_shot   accuracy of classifying the images by their nearest class-prompt embedding (dual encoders)
+    zero_shot   accuracy of classifying the images (or, with modality="audio", the clips) by their nearest
+                class-prompt embedding (dual encoders)
     retrieval   image->text and text->image recall@K (dual encoders): each image's first caption or all of them,
                 identical captions counting as the same or not
+    pair_retrieval  recall@K both ways between any two modalities of a dual encoder (speech <-> image, speech <->
+                text): items deduplicated (an image by its image_id, a text by its tokens, a clip is itself), an
+                item relevant to every item it was paired with in the split
     itm_retrieval  the same recall for single-stream models, ranked by ITM score (exhaustive, or re-ranking a
                 dual encoder's top k_test)
     itm         image-text matching accuracy on true pairs, random mismatches and each one-attribute mismatch
@@ -45,18 +49,22 @@ from mmjax.data import pipeline
 from mmjax.evaluation import captioning, report, retrieval, vqa, zero_shot
 
 SAMPLES = 12  # predictions an evaluator keeps for the report
+# Each modality's model inputs, in the order its `encode_<modality>` method takes them.
+MODALITY_INPUTS = {"image": ("image",), "audio": ("audio", "audio_length"), "text": ("text_ids", "text_mask")}
 
 # Each kind's own fields and defaults (beside kind, every_steps, batch_size, data).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "zero_shot": {},
+    "zero_shot": dict(modality="image"),  # what is classified: "image" or "audio"
     # captions: "first" (each image's first caption) | "all" (every caption: COCO / Flickr30k's protocol);
     # same_text_matches: an identical caption counts as the image's own (the embedded data's repeated sentences).
     "retrieval": dict(ks=(1, 5, 10), captions="first", same_text_matches=True, chunk=1024),
+    # modalities: the (query, target) pair; None: the model's `modalities`.
+    "pair_retrieval": dict(ks=(1, 5, 10), modalities=config_dict.placeholder(tuple), chunk=1024),
     # Single-stream models ranked by their ITM score: exhaustively, or the first stage's top k_test re-ranked
     # (ALBEF / BLIP). first_stage: a dual-encoder training run's workdir (its latest checkpoint), or None.
     "itm_retrieval": dict(ks=(1, 5, 10), captions="first", same_text_matches=True, first_stage=None, k_test=16,
                           max_images=None),
-    "itm": {},
+    "itm": dict(swap="text"),  # the modality a random mismatch replaces (as the matching task's task.itm.swap)
     "mlm": dict(mask_prob=0.15, whole_word=False),
     "mrc": dict(mask_prob=0.15),
     "vqa": {},
@@ -189,15 +197,32 @@ class _DualEncoderEvaluator(Evaluator):
                                      out_shardings=replicated)
         self._encode_text = jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m, method="encode_text"),
                                     out_shardings=replicated)
+        self._encoders: dict[str, Any] = {}
 
-    def image_embeddings(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of the evaluated images and their labels (the real rows)."""
+    def image_embeddings(self, params: Any, modality: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of the evaluated images (or clips: modality="audio") and their labels (the real rows)."""
         embeds, labels = [], []
         for batch in self.batches():
             real = batch["mask"] > 0
-            embeds.append(np.asarray(self._encode_image(params, self._put({"x": batch["image"]})["x"]))[real])
+            inputs = self._put({k: batch[k] for k in MODALITY_INPUTS[modality]})
+            embeds.append(np.asarray(self._encoder(modality)(params, *inputs.values()))[real])
             labels.append(batch["label"][real])
         return np.concatenate(embeds), np.concatenate(labels)
+
+    def _encoder(self, modality: str):
+        """The jitted `encode_<modality>` (params, *inputs) -> replicated embeddings."""
+        if modality == "image":
+            return self._encode_image
+        if modality == "text":
+            return self._encode_text
+        if modality not in self._encoders:
+            method = f"encode_{modality}"
+            if not hasattr(self.model, method):
+                raise ValueError(f"evals.{self.name}: {type(self.model).__name__} has no {method}")
+            self._encoders[modality] = jax.jit(
+                lambda p, *x: self.model.apply({"params": p}, *x, method=method),
+                out_shardings=sharding.replicated(self.mesh))
+        return self._encoders[modality]
 
     def encode_texts(self, params: Any, texts: list[str]) -> np.ndarray:
         """Unit text embeddings [N, E] of `texts` (tokenized at data.max_len)."""
@@ -205,9 +230,10 @@ class _DualEncoderEvaluator(Evaluator):
         return self.encode_in_batches(params, "text", ids, mask)
 
     def encode_in_batches(self, params: Any, what: str, *arrays: np.ndarray) -> np.ndarray:
-        """Embeddings of host arrays ("image": images; "text": ids, mask), batch_size rows at a time on the mesh."""
+        """Embeddings of host arrays of modality `what` (MODALITY_INPUTS order: "image": images; "text": ids,
+        mask; "audio": samples, lengths), batch_size rows at a time on the mesh."""
         b, n = int(self.cfg.batch_size), len(arrays[0])
-        fn = self._encode_image if what == "image" else self._encode_text
+        fn = self._encoder(what)
         out = []
         for start in range(0, n, b):
             block = [np.pad(a[start:start + b], [(0, b - len(a[start:start + b]))] + [(0, 0)] * (a.ndim - 1))
@@ -228,7 +254,9 @@ class ZeroShotEvaluator(_DualEncoderEvaluator):
 
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """accuracy (top-1), top5 (with more than 5 classes), chance (1 / classes) and num_examples."""
-        image_embeds, labels = self.image_embeddings(params)
+        if self.cfg.modality not in ("image", "audio"):
+            raise ValueError(f"evals.{self.name}.modality must be 'image' or 'audio'; got {self.cfg.modality!r}")
+        image_embeds, labels = self.image_embeddings(params, self.cfg.modality)
         names, templates = self.source_meta.class_names, self.source_meta.prompts
         prompts = [t.format(name) for name in names for t in templates]
         prompt_embeds = self.encode_texts(params, prompts).reshape(len(names), len(templates), -1)
@@ -252,6 +280,57 @@ class RetrievalEvaluator(_DualEncoderEvaluator, _RetrievalSet):
         i2t = retrieval.top_k(image_embeds, text_embeds, k, chunk)
         t2i = retrieval.top_k(text_embeds, image_embeds, k, chunk)
         return self.recall(i2t, t2i, texts)
+
+
+class PairRetrievalEvaluator(_DualEncoderEvaluator):
+    """Recall@K both ways between two modalities of a dual encoder, e.g. speech -> image and image -> speech.
+
+    Every real example of the split pairs its items; each distinct item is ranked once: an image is known by its
+    image_id, a text by its tokens (identical captions are one text), a clip by its example (every clip distinct).
+    An item is relevant to every item of the other modality it was paired with anywhere in the split (an image
+    with two spoken captions has two right clips)."""
+
+    def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+        """{a}_to_{b}_r@K, {b}_to_{a}_r@K, their R@1 chance levels, num_{a}, num_{b}."""
+        pair = tuple(self.cfg.modalities or getattr(self.model, "modalities", ("image", "text")))
+        if len(pair) != 2 or any(m not in MODALITY_INPUTS for m in pair):
+            raise ValueError(f"evals.{self.name}.modalities must be two of {sorted(MODALITY_INPUTS)}; got {pair}")
+        items = {m: {"keys": {}, "rows": collections.defaultdict(list)} for m in pair}
+        pairs, position = [], 0
+        for batch in self.batches():
+            real = np.flatnonzero(batch["mask"] > 0)
+            for r in real:
+                index = []
+                for m in pair:
+                    key = self._item_key(m, batch, r, position)
+                    seen = items[m]["keys"]
+                    if key not in seen:
+                        seen[key] = len(seen)
+                        for name in MODALITY_INPUTS[m]:
+                            items[m]["rows"][name].append(batch[name][r])
+                    index.append(seen[key])
+                pairs.append(index)
+                position += 1
+        a, b = pair
+        relevant = np.zeros((len(items[a]["keys"]), len(items[b]["keys"])), bool)
+        relevant[tuple(np.asarray(pairs).T)] = True
+        embeds = {m: self.encode_in_batches(params, m, *[np.stack(items[m]["rows"][k]) for k in MODALITY_INPUTS[m]])
+                  for m in pair}
+        k, chunk = max(self.cfg.ks), int(self.cfg.chunk)
+        a2b = retrieval.top_k(embeds[a], embeds[b], k, chunk)
+        b2a = retrieval.top_k(embeds[b], embeds[a], k, chunk)
+        metrics = retrieval.recall_by_relevance(a2b, b2a, relevant, tuple(self.cfg.ks), pair)
+        metrics.update({f"num_{a}": float(relevant.shape[0]), f"num_{b}": float(relevant.shape[1])})
+        return metrics
+
+    @staticmethod
+    def _item_key(modality: str, batch: dict, row: int, position: int):
+        """What makes two items of `modality` the same item."""
+        if modality == "image":
+            return int(batch["image_id"][row])
+        if modality == "text":
+            return batch["text_ids"][row].tobytes()
+        return position
 
 
 class ITMRetrievalEvaluator(_RetrievalSet):
@@ -360,18 +439,22 @@ class ITMEvaluator(Evaluator):
         """acc_true, acc_random, acc_other_NAME; acc (true and random balanced); acc_hard (true and the
         one-attribute mismatches balanced), when the source has attributes."""
         sums = _Sums()
-        attributes = list(self.source_meta.attributes)
+        swap = self.cfg.swap
+        if swap not in MODALITY_INPUTS:
+            raise ValueError(f"evals.{self.name}.swap must be one of {sorted(MODALITY_INPUTS)}; got {swap!r}")
+        attributes = list(self.source_meta.attributes) if swap == "text" else []
         for batch in self.batches():
             real = batch["mask"].astype(np.float32)
             ids, mask = batch["text_ids"], batch["text_mask"]
-            rolled_ids, rolled_mask = np.roll(ids, 1, axis=0), np.roll(mask, 1, axis=0)
-            differs = np.any(rolled_ids != ids, axis=1).astype(np.float32)
-            variants = {"true": (ids, mask, 1, real), "random": (rolled_ids, rolled_mask, 0, real * differs)}
+            differs = np.any(np.roll(ids, 1, axis=0) != ids, axis=1).astype(np.float32)
+            # The random mismatch: the previous example's caption (or clip / image), where the captions differ.
+            rolled = {k: np.roll(batch[k], 1, axis=0) for k in MODALITY_INPUTS[swap]}
+            variants = {"true": ({}, 1, real), "random": (rolled, 0, real * differs)}
             for name in attributes:
-                variants[f"other_{name}"] = (batch[f"other_{name}_text_ids"], batch[f"other_{name}_text_mask"], 0,
-                                             real)
-            for name, (t_ids, t_mask, target, weight) in variants.items():
-                rows = objectives.model_inputs(batch, self.meta.model_keys, (t_ids, t_mask))
+                variants[f"other_{name}"] = ({"text_ids": batch[f"other_{name}_text_ids"],
+                                              "text_mask": batch[f"other_{name}_text_mask"]}, 0, real)
+            for name, (replaced, target, weight) in variants.items():
+                rows = {**objectives.model_inputs(batch, self.meta.model_keys, (ids, mask)), **replaced}
                 logits = np.asarray(self._forward(params, self._put(rows))["itm_logits"])
                 sums.add(f"acc_{name}", (np.argmax(logits, -1) == target).astype(np.float32), weight)
         metrics = sums.means()
@@ -589,6 +672,7 @@ class CaptioningEvaluator(Evaluator):
 EVALUATORS: dict[str, type[Evaluator]] = {"zero_shot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator,
                                          "itm": ITMEvaluator, "mlm": MLMEvaluator, "mrc": MRCEvaluator,
                                          "vqa": VQAEvaluator, "itm_retrieval": ITMRetrievalEvaluator,
+                                         "pair_retrieval": PairRetrievalEvaluator,
                                          "captioning": CaptioningEvaluator}
 
 

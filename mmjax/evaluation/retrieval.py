@@ -88,3 +88,19 @@ def recall(similarity: np.ndarray, image_of_text: np.ndarray, ks: Sequence[int] 
     i2t = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     t2i = np.argsort(-similarity.T, axis=1, kind="stable")[:, :k]
     return recall_from_rankings(i2t, t2i, image_of_text, ks, text_keys)
+
+
+def recall_by_relevance(a2b: np.ndarray, b2a: np.ndarray, relevant: np.ndarray, ks: Sequence[int],
+                        names: tuple[str, str] = ("a", "b")) -> dict[str, float]:
+    """R@k both ways between two sets of items of any modalities, from rankings a2b [A, >= max k] and b2a
+    [B, ...] and relevant [A, B] (bool: item b is a right answer for item a, and so a for b): "{a}_to_{b}_r@k" is
+    the fraction of a items with a relevant b among their k best, and the chance level of R@1 each way."""
+    relevant = np.asarray(relevant, bool)
+    a, b = names
+    hits_a2b = relevant[np.arange(len(a2b))[:, None], a2b]
+    hits_b2a = relevant.T[np.arange(len(b2a))[:, None], b2a]
+    out = {f"{a}_to_{b}_r@{k}": float(hits_a2b[:, :k].any(axis=1).mean()) for k in ks}
+    out.update({f"{b}_to_{a}_r@{k}": float(hits_b2a[:, :k].any(axis=1).mean()) for k in ks})
+    out[f"{a}_to_{b}_r@1_chance"] = float(relevant.mean(axis=1).mean())
+    out[f"{b}_to_{a}_r@1_chance"] = float(relevant.mean(axis=0).mean())
+    return out

@@ -1,8 +1,8 @@
 """mmjax models: pure linen Modules, one file per family; `build_model` makes one from a config.
 
-Families (clip, vilt, uniter, vilbert, fusion_model, bert, captioner, coca) never import each other: they share the
-towers (vit.py, text.py, text_decoder.py, and the tower registry towers.py), layers.py, heads.py and the fusion
-block library fusion.py.
+Families (clip, vilt, uniter, vilbert, fusion_model, bert, captioner, coca, dual_encoder) never import each other:
+they share the towers (vit.py, text.py, audio.py, text_decoder.py, and the tower registry towers.py), layers.py,
+heads.py and the fusion block library fusion.py.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mmjax.models.bert import BertModel
 from mmjax.models.captioner import Captioner
 from mmjax.models.clip import CLIP
 from mmjax.models.coca import CoCa
+from mmjax.models.dual_encoder import DualEncoder
 from mmjax.models.fusion_model import FusionModel
 from mmjax.models.text import TextTransformer
 from mmjax.models.text_decoder import TextDecoder
@@ -29,7 +30,7 @@ from mmjax.models.vit import ViT, ViTModel
 
 MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNITER, "vilbert": ViLBERT,
                                      "fusion": FusionModel, "bert": BertModel, "vit": ViTModel,
-                                     "captioner": Captioner, "coca": CoCa}
+                                     "captioner": Captioner, "coca": CoCa, "dual_encoder": DualEncoder}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
@@ -39,7 +40,7 @@ _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
     ("coca", "image"): ViT, ("coca", "text"): TextDecoder,
 }
 # Fields holding {modality: {"kind": KIND, **fields}} tower dicts (validated against towers.TOWERS[KIND].module).
-_TOWER_FIELDS: frozenset[tuple[str, str]] = frozenset({("fusion", "towers")})
+_TOWER_FIELDS: frozenset[tuple[str, str]] = frozenset({("fusion", "towers"), ("dual_encoder", "towers")})
 # Config keys that describe the model but are not Module fields.
 _META_KEYS = ("name", "variant")
 
@@ -113,5 +114,5 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BertModel", "CLIP", "Captioner", "CoCa", "FusionModel", "MODELS", "TOWERS", "TextDecoder",
+__all__ = ["BertModel", "CLIP", "Captioner", "CoCa", "DualEncoder", "FusionModel", "MODELS", "TOWERS", "TextDecoder",
            "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "build_model"]

@@ -5,12 +5,15 @@ the fields go to, which batch keys the tower reads, and how to call it uniformly
 
     tokens, mask = kind.encode(module, batch, train)     tokens [B, N, D], mask int32 [B, N] (1 = real)
 
+    pooled = kind.pool(module, batch, train)            pooled [B, D] (the tower's own pooling)
+
     kind   Module            batch keys                                     mask
     vit    ViT               image                                          all ones
     text   TextTransformer   text_ids, text_mask (+ optional text_type_ids)   text_mask > 0
+    audio  AudioEncoder      audio, audio_length                            patches holding signal
 
-Adding a modality (e.g. an audio encoder) is one more `TOWERS` entry: its Module, the batch keys it reads, an
-`encode` function, and, if it has one, `word_table` (a token table that a tied MLM decoder may read).
+Adding a modality is one more `TOWERS` entry: its Module, the batch keys it reads, `encode` and `pool` functions,
+and, if it has one, `word_table` (a token table that a tied MLM decoder may read).
 """
 from __future__ import annotations
 
@@ -21,12 +24,15 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.models.audio import AudioEncoder
 from mmjax.models.layers import Array
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
 
 # (tower module, batch, train) -> (tokens [B, N, D], mask int32 [B, N])
 EncodeFn = Callable[[nn.Module, Mapping[str, Array], bool], tuple[Array, Array]]
+# (tower module, batch, train) -> pooled [B, D]
+PoolFn = Callable[[nn.Module, Mapping[str, Array], bool], Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,7 @@ class TowerKind:
     module: type[nn.Module]  # the Module class its config fields go to
     inputs: tuple[str, ...]  # batch keys it needs
     encode: EncodeFn
+    pool: PoolFn
     optional_inputs: tuple[str, ...] = ()  # batch keys it reads when present
     # The batch key holding the tower's padding mask, if the batch carries one (its mask is then not returned again
     # as "{modality}_mask" by FusionModel; towers without one get "{modality}_mask" in the outputs).
@@ -67,6 +74,13 @@ def _encode_text(tower: nn.Module, batch: Mapping[str, Array], train: bool) -> t
     return tokens, text_mask
 
 
+def _encode_audio(tower: nn.Module, batch: Mapping[str, Array], train: bool) -> tuple[Array, Array]:
+    """Patch tokens; a patch is real when its first frame holds signal (AudioEncoder.token_mask)."""
+    audio, length = batch["audio"], batch["audio_length"]
+    _, tokens = tower(audio, length, train=train)
+    return tokens, tower.token_mask(length, audio.shape[1])
+
+
 def _text_word_table(tower: nn.Module) -> Array:
     """The TextTransformer's word table, read through its scope (boxed at init, plain or boxed in apply), so a tied
     decoder's gradient sums with the embedding's."""
@@ -80,9 +94,16 @@ def _vit_cls_first(fields: Mapping[str, Any]) -> bool:
 
 
 TOWERS: dict[str, TowerKind] = {
-    "vit": TowerKind(module=ViT, inputs=("image",), encode=_encode_vit, cls_first=_vit_cls_first),
+    "vit": TowerKind(module=ViT, inputs=("image",), encode=_encode_vit,
+                     pool=lambda tower, batch, train: tower(batch["image"], train=train)[0], cls_first=_vit_cls_first),
     "text": TowerKind(module=TextTransformer, inputs=("text_ids", "text_mask"), encode=_encode_text,
+                      pool=lambda tower, batch, train: tower(batch["text_ids"], batch["text_mask"],
+                                                             train=train)[0],
                       optional_inputs=("text_type_ids",), mask_input="text_mask", word_table=_text_word_table),
+    "audio": TowerKind(module=AudioEncoder, inputs=("audio", "audio_length"), encode=_encode_audio,
+                       pool=lambda tower, batch, train: tower(batch["audio"], batch["audio_length"], train=train)[0],
+                       cls_first=lambda fields: bool(field_value(AudioEncoder, fields, "cls_token"))
+                       or field_value(AudioEncoder, fields, "pool") == "cls"),
 }
 
 

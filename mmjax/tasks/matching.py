@@ -11,7 +11,9 @@ step over stacked rows:
                     in-batch caption of another image (never an identical caption), or the example's own caption
                     with one attribute word swapped (`other_NAME`: the hard negatives a source offers, see
                     mmjax/data/sources.py; only grounding rejects them). WPA (IPOT word-region / word-patch
-                    alignment) runs on these rows.
+                    alignment) runs on these rows. With `task.itm.swap = "audio"` (or "image") a mismatch keeps
+                    the text and the other inputs and takes another example's clip (image) instead: audio-visual
+                    matching (configs/audio_visual.py); never one whose caption is identical.
   MLM rows     B    15% of caption tokens masked (80/10/10; `task.mlm.whole_word` masks whole words).
   visual rows  B    15% of the regions have their features zeroed (MRFR regresses them, MRC matches the regions'
                     soft class distributions by KL), or 15% of the patches are replaced by the [MASK] patch (MPP
@@ -45,6 +47,8 @@ MASKING = ("conditional", "joint")
 DRY_RUN_TOKENIZER = types.SimpleNamespace(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103,
                                           vocab_size=30522, continuation_table=lambda: np.zeros(30522, bool))
 # Model outputs each objective needs.
+# The inputs a mismatch replaces, by task.itm.swap.
+SWAP_KEYS = {"text": ("text_ids", "text_mask"), "audio": ("audio", "audio_length"), "image": ("image",)}
 NEEDS = {"mlm": ("mlm_logits",), "itm": ("itm_logits",), "wpa": ("text_tokens", "image_tokens", "image_mask"),
          "mrfr": ("mrfr_pred",), "mrc": ("mrc_logits",), "mpp": ("mpp_pred", "patch_index")}
 
@@ -59,7 +63,7 @@ def default_task_config(**objective_weights: float) -> ml_collections.ConfigDict
         objectives=dict(objective_weights),
         # Mismatch kinds by weight: in_batch, and other_NAME for each attribute the data offers hard negatives
         # for. Half of the embedded data's mismatches change the shape: the attribute that needs grounding.
-        itm=dict(negatives=dict(in_batch=1.0)),
+        itm=dict(negatives=dict(in_batch=1.0), swap="text"),  # swap: the modality a mismatch replaces
         mlm=dict(mask_prob=0.15, whole_word=False),
         mrm=dict(mask_prob=0.15),  # masked region modelling (MRFR / MRC)
         mpp=dict(mask_prob=0.15),  # masked patch prediction
@@ -97,6 +101,14 @@ class MatchingTask:
         if missing:
             raise ValueError(f"task.itm.negatives {missing} need hard-negative captions the data does not offer "
                              f"(it offers {list(self.negative_kinds)}; a source's `negatives` field adds them)")
+        self.swap = task.itm.get("swap", "text")
+        if self.swap not in SWAP_KEYS or any(k not in self.model_keys for k in SWAP_KEYS[self.swap]):
+            raise ValueError(f"task.itm.swap={self.swap!r}: must be one of {sorted(SWAP_KEYS)} whose inputs the "
+                             f"model reads ({list(self.model_keys)})")
+        if self.swap != "text":  # hard negatives are captions with a word swapped: only in-batch clips / images
+            self.negative_kinds = ("in_batch",)
+            if self.weights["wpa"]:
+                raise ValueError("task.objectives.wpa aligns words with patches: it needs task.itm.swap='text'")
         probs = np.array([float(weights.get(k, 0.0)) for k in self.negative_kinds])
         if probs.sum() <= 0:
             raise ValueError(f"task.itm.negatives must give some weight to one of {list(self.negative_kinds)}")
@@ -116,23 +128,24 @@ class MatchingTask:
         return objectives.mask_text(rng, ids, mask, self.tokenizer, mask_prob=self.mask_prob,
                                     continuation=self.continuation)
 
-    def _mismatches(self, rng: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(ids, mask, valid) of one mismatched caption per example, its kind drawn by the configured weights."""
+    def _mismatches(self, rng: jax.Array, batch: dict) -> tuple[dict, jax.Array]:
+        """({swapped input: value}, valid) of one mismatch per example (task.itm.swap's inputs replaced), its kind
+        drawn by the configured weights."""
         k_kind, k_batch = jax.random.split(rng)
         ids, mask = batch["text_ids"], batch["text_mask"]
-        # Identical captions are not mismatches: forbid them as in-batch negatives.
+        # Identical captions are not mismatches (nor the clips speaking them): forbid them as in-batch negatives.
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
         neg_index, valid = objectives.itm_negatives(k_batch, jnp.zeros(same.shape, jnp.float32),
                                                     same_image=same, hard=False)
         if len(self.negative_kinds) == 1:
-            return ids[neg_index], mask[neg_index], valid
+            return {k: batch[k][neg_index] for k in SWAP_KEYS[self.swap]}, valid
         kinds = self.negative_kinds[1:]
         candidates_ids = jnp.stack([ids[neg_index]] + [batch[f"{k}_text_ids"] for k in kinds])
         candidates_mask = jnp.stack([mask[neg_index]] + [batch[f"{k}_text_mask"] for k in kinds])
         kind = jax.random.categorical(k_kind, jnp.asarray(self.negative_logits), shape=(ids.shape[0],))
         rows = jnp.arange(ids.shape[0])
         valid = jnp.where(kind == 0, valid, True)
-        return candidates_ids[kind, rows], candidates_mask[kind, rows], valid
+        return {"text_ids": candidates_ids[kind, rows], "text_mask": candidates_mask[kind, rows]}, valid
 
     def _patch_targets(self, image: jax.Array, patch_index: jax.Array) -> jax.Array:
         """MAE's norm-pix targets of the kept patches: [B, N', p*p*C]."""
@@ -152,9 +165,9 @@ class MatchingTask:
             blocks.append(rows)
 
         if w["itm"] or w["wpa"]:
-            neg_ids, neg_mask, neg_valid = self._mismatches(k_neg, batch)
+            swapped, neg_valid = self._mismatches(k_neg, batch)
             add("itm_true", objectives.model_inputs(batch, self.model_keys, text))
-            add("itm_false", objectives.model_inputs(batch, self.model_keys, (neg_ids, neg_mask)))
+            add("itm_false", {**objectives.model_inputs(batch, self.model_keys, text), **swapped})
         visual = {}
         if self.regions and (w["mrfr"] or w["mrc"]):
             region_masked = objectives.mask_regions(k_visual, batch["region_mask"], self.region_mask_prob)
@@ -200,7 +213,7 @@ class MatchingTask:
             img_mask = jnp.concatenate([part("image_mask", "itm_true"), part("image_mask", "itm_false")])
             if self.skip_image_cls:
                 img_mask = img_mask.at[:, 0].set(0)
-            txt_mask = objectives.content_mask(jnp.concatenate([batch["text_mask"], neg_mask]))
+            txt_mask = objectives.content_mask(jnp.concatenate([batch["text_mask"], swapped["text_mask"]]))
             # Invalid negatives (an identical caption) weigh 0: drop them from both signs of the sum.
             txt_mask = txt_mask * itm_weights[:, None].astype(txt_mask.dtype)
             metrics["wpa_loss"] = losses.word_patch_alignment_loss(txt, txt_mask, img, img_mask, itm_labels,
