@@ -364,7 +364,7 @@ def small_audio_config(load_audio_config, name):
         c.model.fusion_args.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
     else:
         c.model.embed_dim = 16
-    c.data.image_size, c.data.max_len, c.data.audio.max_seconds = 32, 8, 1.0
+    c.data.image_size, c.data.max_len, c.data.audio.max_seconds = 32, 8, 0.5
     c.train.batch_size = 16
     c.optimizer.warmup_steps = 0
     return c

@@ -85,6 +85,8 @@ class DualEncoder(nn.Module):
         missing = [k for k in self.inputs(modality) if k not in batch]
         if missing:
             raise KeyError(f"DualEncoder's {modality} tower needs batch keys {missing}; got {sorted(batch)}")
+        if self.kinds[modality].pool is None:
+            raise ValueError(f"DualEncoder: the {modality} tower's kind has no pooled output (TowerKind.pool)")
         pooled = self.kinds[modality].pool(self.encoders[modality], batch, train)
         return l2_normalize(self.projections[modality](pooled))
 

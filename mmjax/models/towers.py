@@ -42,7 +42,7 @@ class TowerKind:
     module: type[nn.Module]  # the Module class its config fields go to
     inputs: tuple[str, ...]  # batch keys it needs
     encode: EncodeFn
-    pool: PoolFn
+    pool: Optional[PoolFn] = None  # the tower's own pooled output (a dual encoder embeds it); None: tokens only
     optional_inputs: tuple[str, ...] = ()  # batch keys it reads when present
     # The batch key holding the tower's padding mask, if the batch carries one (its mask is then not returned again
     # as "{modality}_mask" by FusionModel; towers without one get "{modality}_mask" in the outputs).
