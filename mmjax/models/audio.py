@@ -4,10 +4,12 @@ waveform [B, S] + lengths [B] -> log-mel [B, T, n_mels] (mmjax.data.audio.log_me
 jitted step) -> per-utterance normalisation over the real frames -> SpecAugment (training) -> non-overlapping
 time x frequency patches -> + a 2-D position table -> (+ cls) -> Encoder with a padding mask -> LN -> pool.
 
-Why the frontend runs on device: the host then only moves int16 samples (the input pipeline's 2 CPU cores stay
-free for decoding and the step), SpecAugment draws its masks from the step's rng like every other on-device
-augmentation, and a checkpoint carries its frontend: the same parameters give the same features wherever it runs.
-An STFT + one mel matmul costs ~1% of a 4-layer tower's step (experiments/bench_audio_frontend.py).
+Why the frontend runs on device: on an accelerator it is nearly free (0.1% of an AST-base training step), where
+the host's CPUs are what feeds the devices; SpecAugment draws its masks from the step's key like every other
+on-device augmentation; and a run's features are a function of its config, the same wherever it runs. On a
+CPU-only machine host and "device" are the same cores: there the frontend is most of the tiny tower's step (75% on
+2 cores), and computing it on the host with tf.signal would take longer still (experiments/bench_audio_frontend.py,
+README "Speech").
 """
 from __future__ import annotations
 
