@@ -2,6 +2,7 @@
 variable lengths."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +146,22 @@ def test_dual_encoder_pairs_audio_with_images_and_texts():
     with pytest.raises(ValueError, match="modalities .* must be two distinct names"):
         build_model(dict(name="dual_encoder", modalities=("audio", "image"), towers={"audio": towers["audio"]})
                     ).init({"params": jax.random.key(0)}, batch)
+
+
+def test_init_from_resizes_the_position_table_to_longer_clips():
+    """A tower trained on 1 s clips (7 x 2 patches) starts a tower for 2 s clips (13 x 2): pretrained's table
+    resizing interpolates along time (a constant stays constant, a ramp stays a ramp) and the model applies."""
+    from mmjax import pretrained  # pylint: disable=import-outside-toplevel
+
+    tower = AudioEncoder(**TOWER)
+    short, long = (jax.tree.map(np.asarray, nn.unbox(_init(tower, n))) for n in (8000, 16000))
+    ramp = np.broadcast_to(np.arange(7, dtype=np.float32)[:, None, None], (7, 2, 32))
+    for table, check in ((np.full((7, 2, 32), 0.25, np.float32), lambda t: np.allclose(t, 0.25)),
+                         (ramp, lambda t: np.all(np.diff(t[:, 0, 0]) > 0) and 0 <= t.min() and t.max() <= 6)):
+        source = dict(short, pos_embedding=table)
+        resized = pretrained.resize_position_tables(source, long)
+        assert resized["pos_embedding"].shape == (13, 2, 32)
+        assert check(np.asarray(resized["pos_embedding"]))
+        assert np.shape(resized["patch_kernel"]) == np.shape(short["patch_kernel"])
+    pooled, _ = tower.apply({"params": resized}, jnp.zeros((1, 16000)), jnp.array([16000]))
+    assert np.all(np.isfinite(pooled))
