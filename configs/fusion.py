@@ -3,12 +3,18 @@
     python -m mmjax.train --config=configs/fusion.py --workdir=/tmp/fusion              # cross_attention (default)
     python -m mmjax.train --config=configs/fusion.py:co_attention --workdir=/tmp/fusion_co
     python -m mmjax.train --config=configs/fusion.py:block=bottleneck --dry_run
+    python -m mmjax.train --config=configs/fusion.py:block=hybrid --config.model.fusion_args.hidden=2 ...
 
-The argument names the block (`mmjax.models.fusion.FUSION_BLOCKS`); `model.fusion_args` holds its fields and
-`model.towers` the encoders, one per modality ({"kind": a mmjax.models.towers.TOWERS name, **that Module's
-fields}). Blocks that keep per-modality token streams (concat, cross_attention with text queries, co_attention,
-bottleneck, shared_weights) give the MLM head image-aware text tokens; pooling-only blocks (sum, the gated ones,
-late) can only do text-only MLM from the text tower (see mmjax/models/fusion_model.py).
+The argument names the block (`mmjax.models.fusion.FUSION_BLOCKS`, every one has an entry in BLOCK_ARGS) and sets
+both `model.fusion` and `model.fusion_args`, its fields; those fields can then be overridden from the command line
+(`--config.model.fusion_args.FIELD=VALUE`). Blocks differ in their fields, so switch blocks with the argument, not
+with `--config.model.fusion=NAME` alone: that keeps the default block's fields, which the new block may lack (the
+error then says so). `model.towers` holds the encoders, one per modality ({"kind": a mmjax.models.towers.TOWERS
+name, **that Module's fields}). Blocks that keep per-modality token streams (concat, cross_attention with text
+queries, co_attention, symmetric_cross_attention, bottleneck, shared_weights) give the MLM head image-aware text
+tokens; pooling-only blocks (sum, the gated ones, concat_mlp, late, hybrid) can only do text-only MLM from the text
+tower (see mmjax/models/fusion_model.py). late and hybrid are ITM classifiers themselves (their combined decision is
+itm_logits, num_classes 2).
 """
 
 import ml_collections
@@ -23,6 +29,8 @@ common = configlib.sibling(__file__, "common")
 
 WIDTH = 64
 TRANSFORMER = dict(width=WIDTH, depth=2, num_heads=2, mlp_dim=4 * WIDTH, norm="post")
+# concat_mlp / hybrid early fusion: [pooled image; pooled text] -> Dense(hidden_dim) -> relu -> Dense(width).
+CONCAT_MLP = dict(width=WIDTH, hidden=1, hidden_dim=WIDTH, activation="relu", dropout_rate=0.0, pool="mean")
 BLOCK_ARGS = {
     "concat": TRANSFORMER,
     "sum": dict(width=WIDTH),
@@ -33,6 +41,9 @@ BLOCK_ARGS = {
     "bottleneck": dict(TRANSFORMER, fusion_layer=0, n_bottlenecks=4),
     "late": dict(width=WIDTH),
     "shared_weights": dict(TRANSFORMER),
+    "concat_mlp": dict(CONCAT_MLP),
+    "hybrid": dict(CONCAT_MLP, weighting="learned"),  # num_classes: FusionModel's 2 (ITM)
+    "symmetric_cross_attention": dict(TRANSFORMER),
 }
 
 
@@ -43,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = matching.default_task_config(mlm=1.0, itm=1.0)
-    c.task.itm.negatives = dict(in_batch=1.0, other_color=1.0, other_shape=2.0)
+    c.task.itm.negatives.update(in_batch=1.0, other_color=1.0, other_shape=2.0)
     c.model = ml_collections.ConfigDict(dict(
         name="fusion",
         towers=dict(

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.evals[kind] = evaluator_config(kind, every_steps=500, batch_size=64)
     if args["model"] != "clip":
         # Users' data offers no attribute-swapped captions: every ITM mismatch is another image's caption.
-        c.task.itm.negatives = dict(in_batch=1.0)
+        c.task.itm.negatives = dict(in_batch=1.0, mined=0.0)
     c.train.steps = 1000
     c.checkpoint.every_steps = 250
     return c

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = matching.default_task_config(mlm=1.0, itm=1.0, wpa=0.1, mrfr=1.0, mrc=1.0)
-    c.task.itm.negatives = dict(in_batch=1.0, other_color=1.0, other_shape=2.0)
+    c.task.itm.negatives.update(in_batch=1.0, other_color=1.0, other_shape=2.0)
     c.task.masking = "conditional"
     c.model = ml_collections.ConfigDict(dict(
         name="uniter", max_len=config_dict.placeholder(int), region_feat_dim=config_dict.placeholder(int),

@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.task = matching.default_task_config(mlm=1.0, itm=1.0)
     # Half of the mismatches change the shape: the attribute that needs grounding (colour is spotted early).
-    c.task.itm.negatives = dict(in_batch=1.0, other_color=1.0, other_shape=2.0)
+    c.task.itm.negatives.update(in_batch=1.0, other_color=1.0, other_shape=2.0)
     c.model = ml_collections.ConfigDict(dict(
         name="vilt", image_size=config_dict.placeholder(int), max_len=config_dict.placeholder(int),
         dtype="float32", remat=False, mlm_head=True, itm_head=True, mpp_head=False, **v["model"]))

@@ -5,12 +5,12 @@ cross-entropy on the answers' soft scores and scored with the official VQA accur
     python -m mmjax.train --config=configs/vqa.py --workdir=/tmp/vqa --config.init_from.path=/tmp/vilt
     python -m mmjax.train --config=configs/vqa.py:fusion --workdir=/tmp/vqa_fusion --config.init_from.path=...
 
-Arguments: model (vilt = default | uniter | vilbert | fusion): the pretraining config whose model is fine-tuned
-(its tiny variant; the answer head is sized by the data). Data: the embedded VQA questions (`easy_vqa_questions`:
-the easy-vqa package's 38,575 train / 9,673 test questions on the embedded images, 13 answers), built offline on
-first use; they share the embedded dataset's tokenizer, so a model pretrained on it reads them with its own words.
-Without init_from.path the same model trains from scratch. The head trains at `optimizer.head_lr_mult` x the
-learning rate (ViLT: 10x).
+Arguments: model (vilt = default | uniter | vilbert | fusion | visualbert | lxmert | oscar): the pretraining config
+whose model is fine-tuned (its tiny variant; the answer head is sized by the data). Data: the embedded VQA
+questions (`easy_vqa_questions`: the easy-vqa package's 38,575 train / 9,673 test questions on the embedded images,
+13 answers), built offline on first use; they share the embedded dataset's tokenizer, so a model pretrained on it
+reads them with its own words. Without init_from.path the same model trains from scratch. The head trains at
+`optimizer.head_lr_mult` x the learning rate (ViLT: 10x).
 """
 
 import dataclasses
@@ -22,12 +22,12 @@ from mmjax import configlib, models
 from mmjax.data import pipeline, vqa
 from mmjax.evaluation.evaluators import evaluator_config
 
-MODELS = ("vilt", "uniter", "vilbert", "fusion")
+MODELS = ("vilt", "uniter", "vilbert", "fusion", "visualbert", "lxmert", "oscar")
 HEADS_OFF = ("mlm_head", "itm_head", "mpp_head", "mrfr_head", "mrc_head")  # pretraining heads a VQA model drops
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the VQA fine-tuning config of `arg` = 'model=M' (or just M: vilt | uniter | vilbert | fusion)."""
+    """Returns the VQA fine-tuning config of `arg` = 'model=M' (or just M: one of MODELS)."""
     model = configlib.parse_arg(arg, defaults=dict(model="vilt"), choices=dict(model=MODELS))["model"]
     c = configlib.sibling(__file__, model).get_config()
     c.task = ml_collections.ConfigDict(dict(name="vqa"))

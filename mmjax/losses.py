@@ -39,6 +39,50 @@ def sigmoid_contrastive_loss(
     return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / n
 
 
+RANK_DIRECTIONS = ("i2t", "t2i", "both")
+# The ranking losses a contrastive model may name (its `loss` field) -> hinge_rank_loss's keyword arguments.
+RANKING_LOSSES: dict[str, dict] = {
+    "hinge": dict(directions="i2t", hardest=False),  # DeViSE (Frome et al. 2013)
+    "triplet": dict(directions="both", hardest=False),  # VSE sum of hinges
+    "triplet_hardest": dict(directions="both", hardest=True),  # VSE++ (Faghri et al. 2018)
+}
+
+
+def hinge_rank_loss(
+    image_embeds: Array,
+    text_embeds: Array,
+    margin: float = 0.1,
+    *,
+    hardest: bool = False,
+    directions: str = "both",
+    valid: Array | None = None,
+) -> Array:
+    """Ranking hinge, s = x y^T: mean over anchors i of sum_{j != i} (max_j if hardest) max(0, margin - s_ii + s_ij).
+
+    directions: "i2t" (anchor image i, negative texts j: DeViSE), "t2i" (anchor text j, negative images i: s_ji
+    read down column j), or "both" (the two terms added: VSE, VSE++ with hardest=True). valid [B, B] bool (True:
+    image i and text j make a usable negative pair, e.g. False for identical captions); the diagonal is never a
+    negative, and an anchor without a usable negative contributes 0 (so B = 1 gives 0).
+    """
+    if directions not in RANK_DIRECTIONS:
+        raise ValueError(f"directions must be one of {RANK_DIRECTIONS}; got {directions!r}")
+    s = _logits(image_embeds, text_embeds, 1.0)
+    pos = jnp.diagonal(s)
+    negative = ~jnp.eye(s.shape[0], dtype=bool)
+    if valid is not None:
+        negative = negative & jnp.asarray(valid, bool)
+    reduce = jnp.max if hardest else jnp.sum
+    margin = jnp.asarray(margin, jnp.float32)
+    loss = jnp.zeros((), jnp.float32)
+    # relu (gradient 0 at 0), not maximum (0.5 at a tie): a pair exactly at the margin is satisfied. Hinges are
+    # >= 0, so masking to 0 leaves both the sum and the max over the usable negatives unchanged.
+    if directions in ("i2t", "both"):
+        loss += jnp.mean(reduce(jnp.where(negative, jax.nn.relu(margin - pos[:, None] + s), 0.0), axis=1))
+    if directions in ("t2i", "both"):
+        loss += jnp.mean(reduce(jnp.where(negative, jax.nn.relu(margin - pos[None, :] + s), 0.0), axis=0))
+    return loss
+
+
 def contrastive_metrics(image_embeds: Array, text_embeds: Array) -> dict[str, Array]:
     """Top-1 in-batch retrieval accuracy both ways (i2t_acc, t2i_acc), for logging next to either loss."""
     sim = _logits(image_embeds, text_embeds, 1.0)

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from mmjax import checkpoint, pretrained, sharding
+from mmjax import checkpoint, models, pretrained, sharding
 
 # Model config fields that the data decides when a config leaves them None: field -> (what, value from).
 DATA_FIELDS = {
@@ -32,10 +32,14 @@ DATA_FIELDS = {
 }
 
 
+# Matching objectives -> the model field that turns on the head they train.
+OBJECTIVE_HEADS = {"mlm": "mlm_head", "itm": "itm_head", "mpp": "mpp_head", "mrfr": "mrfr_head", "mrc": "mrc_head"}
+
+
 def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[str]:
     """Fills the model config's data-given fields (vocab_size, region_feat_dim, num_region_classes, image_size,
-    max_len, sample_rate, vqa_labels) wherever they are None, in the model section and its tower dicts; returns one line per
-    field set.
+    max_len, sample_rate, vqa_labels) wherever they are None, in the model section and its tower dicts, and turns on the
+    heads of the matching objectives that have weight (OBJECTIVE_HEADS); returns one line per field set.
 
     This is the one place where the data sizes the model. A vocab_size set in the config must hold the tokenizer's
     vocabulary; a region width, class count or answer count set in the config must equal the data's.
@@ -65,6 +69,14 @@ def resolve_model_config(config: ml_collections.ConfigDict, meta: Any) -> list[s
                 raise ValueError(f"{path}.{key}={value} but the data gives {values[key]} ({DATA_FIELDS[key]})")
 
     visit(config.model, "model")
+    # A matching objective switched on from the command line (--config.task.objectives.mpp=1) brings its head.
+    weights = config.get("task", {}).get("objectives") or {}
+    fields = getattr(models.MODELS.get(config.model.get("name")), "__dataclass_fields__", {})
+    for objective, head in OBJECTIVE_HEADS.items():
+        if float(weights.get(objective) or 0) > 0 and head in fields and not config.model.get(
+                head, fields[head].default):
+            config.model[head] = True  # also where the config left the field at the Module's default
+            done.append(f"model.{head} = True (task.objectives.{objective})")
     if config.model.get("lock_text") and not config.optimizer.get("freeze"):
         # A locked tower gets no gradient; frozen, weight decay leaves it bit-identical to its checkpoint too.
         config.optimizer.freeze = "^text_encoder/"

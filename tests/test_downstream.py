@@ -123,7 +123,7 @@ def test_init_from_errors_name_the_culprit(load_config, vqa_data_dir, tmp_path):
         train.train_and_evaluate(c, str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("model", ["vilt", "uniter", "vilbert", "fusion"])
+@pytest.mark.parametrize("model", ["vilt", "uniter", "vilbert", "fusion", "visualbert", "lxmert", "oscar"])
 def test_vqa_configs_drop_every_pretraining_head(load_config, model):
     """Heads the model has but the pretraining config left at their default (on) must be off too, so that
     init_from reports them as unused instead of carrying (and weight-decaying) them through the fine-tune."""

@@ -1,6 +1,8 @@
 """Fusion block tests: shapes, logical axes, padding invariance, gates, cross-/co-attention maths, MBT isolation,
-late fusion, weight sharing, registry errors (CPU, tiny sizes, eager apply: compiling each block costs more here)."""
+late fusion, weight sharing, NumPy references of concat_mlp / hybrid / symmetric_cross_attention, gradients,
+registry errors (CPU, tiny sizes, eager apply: compiling each block costs more here)."""
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -25,9 +27,14 @@ CONFIGS = {
     "bottleneck": dict(TRANSFORMER, fusion_layer=1, n_bottlenecks=2),
     "late": dict(width=W, num_classes=3, weighting="learned"),
     "shared_weights": dict(TRANSFORMER, combine="concat"),
+    "concat_mlp": dict(width=W, hidden=2, hidden_dim=24, pool="first"),
+    "hybrid": dict(width=W, num_classes=3, hidden=1, activation="gelu"),
+    "symmetric_cross_attention": dict(TRANSFORMER, norm="post"),
 }
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "length", "joint", None}  # documented in layers.py
-SEQ_LEN = {"cross_attention": L_TXT, "sum": None, "multiplicative_gated": None, "additive_gated": None, "late": None}
+SEQ_LEN = {"cross_attention": L_TXT, "sum": None, "multiplicative_gated": None, "additive_gated": None, "late": None,
+           "concat_mlp": None, "hybrid": None}
+NEW_BLOCKS = ("concat_mlp", "hybrid", "symmetric_cross_attention")
 
 
 def _inputs(seed=0, d_img=D_IMG):
@@ -62,6 +69,26 @@ def _layer_norm(x, p, eps=1e-6):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _inputs3(seed=0):
+    """Three streams (audio and text W wide, image D_IMG wide: projected), each right-padded in some example."""
+    rng = np.random.default_rng(seed)
+    lengths = {"audio": 3, "image": L_IMG, "text": L_TXT}
+    streams = {n: jnp.asarray(rng.normal(size=(B, lengths[n], D_IMG if n == "image" else W)), jnp.float32)
+               for n in lengths}
+    masks = {n: np.ones((B, lengths[n]), np.int32) for n in lengths}
+    masks["audio"][0, 2:] = 0
+    masks["image"][1, 3:] = 0
+    masks["text"][0, 1:] = 0
+    return streams, {n: jnp.asarray(m) for n, m in masks.items()}
+
+
+def _with_garbage_in_padding(streams, masks, seed=5):
+    """The same streams with every padded position replaced by large noise."""
+    rng = np.random.default_rng(seed)
+    return {n: jnp.where(masks[n][..., None] > 0, x, 100.0 * rng.normal(size=x.shape)).astype(jnp.float32)
+            for n, x in streams.items()}
 
 
 def _n_params(params):
@@ -114,7 +141,7 @@ def test_padding_never_changes_real_outputs(name):
     out2 = jax.jit(model.apply)(variables, streams2, masks2)
 
     np.testing.assert_allclose(out2["pooled"], out["pooled"], atol=1e-5)
-    for key in ("logits", "modality_logits", "gates", "bottleneck"):
+    for key in ("logits", "fused_logits", "modality_logits", "gates", "bottleneck"):
         if out.get(key) is not None:
             chex.assert_trees_all_close(out2[key], out[key], atol=1e-5)
     if out["streams"] is not None:
@@ -261,6 +288,224 @@ def test_late_fusion_mean_and_learned_weights():
     np.testing.assert_allclose(out["logits"], np.einsum("m,mbc->bc", w, per), atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ NumPy references
+
+
+_erf = np.vectorize(math.erf)
+NP_ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0.0), "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))}
+
+
+def _np(tree):
+    """Unboxed float64 NumPy copy of a parameter tree."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), nn.unbox(tree))
+
+
+def _np_dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _np_pool(x, mask, how):
+    if how == "first":
+        return x[:, 0]
+    m = np.asarray(mask, np.float64)[..., None]
+    return (np.where(m > 0, x, 0.0)).sum(1) / np.maximum(m.sum(1), 1.0)
+
+
+def _np_concat_mlp(p, xs, ms, names, pool, hidden, activation):
+    """[pool(x_1); ...] -> hidden x (Dense -> activation) -> Dense `out`, as ConcatMLPFusion documents."""
+    h = np.concatenate([_np_pool(xs[n], ms[n], pool) for n in names], axis=-1)
+    for i in range(hidden):
+        h = NP_ACTIVATIONS[activation](_np_dense(h, p[f"hidden_{i}"]))
+    return _np_dense(h, p["out"])
+
+
+def _np_mha(p, x, kv, kv_mask):
+    """layers.MultiHeadAttention: per-head q/k/v projections, softmax(q k / sqrt(d) + padding bias) v, out."""
+    q, k, v = (np.einsum("ble,ehd->blhd", y, p[name]["kernel"]) + p[name]["bias"]
+               for y, name in ((x, "query"), (kv, "key"), (kv, "value")))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = logits + np.where(np.asarray(kv_mask)[:, None, None, :] > 0, 0.0, -1e9)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:2], -1) @ \
+        p["out"]["kernel"].reshape(-1, x.shape[-1]) + p["out"]["bias"]
+
+
+def _np_mlp(p, x):
+    return _np_dense(NP_ACTIVATIONS["gelu"](_np_dense(x, p["fc1"])), p["fc2"])
+
+
+def _np_symmetric(p, xs, ms, names, depth, norm, pool="mean"):
+    """SymmetricCrossAttention as its docstring writes it (streams already projected to width)."""
+    for i in range(depth):
+        lp = p[f"layer_{i}"]
+        h = {n: _layer_norm(xs[n], lp[f"ln_1_{n}"]) for n in names} if norm == "pre" else xs
+        new = {}
+        for m in names:
+            attn = sum(_np_mha(lp[f"attn_{m}_from_{n}"], h[m], h[n], ms[n]) for n in names if n != m)
+            if norm == "pre":
+                x = xs[m] + attn
+                new[m] = x + _np_mlp(lp[f"mlp_{m}"], _layer_norm(x, lp[f"ln_2_{m}"]))
+            else:
+                z = _layer_norm(xs[m] + attn, lp[f"ln_1_{m}"])
+                new[m] = _layer_norm(z + _np_mlp(lp[f"mlp_{m}"], z), lp[f"ln_2_{m}"])
+        xs = new
+    if norm == "pre" and depth > 0:
+        xs = {n: _layer_norm(xs[n], p[f"ln_final_{n}"]) for n in names}
+    pooled = np.mean([_np_pool(xs[n], ms[n], pool) for n in names], axis=0)
+    return xs, pooled
+
+
+def _assert_real_close(got, want, mask, atol=1e-5):
+    """Compares [B, L, D] tokens at the real (mask 1) positions only: padded outputs are unspecified."""
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=atol)
+
+
+@pytest.mark.parametrize("pool,hidden,order,activation", [("mean", 0, None, "relu"),
+                                                          ("mean", 2, ("text", "image"), "gelu"),
+                                                          ("first", 1, None, "relu")])
+def test_concat_mlp_matches_numpy(pool, hidden, order, activation):
+    """Raw-width pooled vectors (image D_IMG, text W: no projection) concatenated in modality order, then the MLP."""
+    model = fusion.ConcatMLPFusion(width=W, hidden=hidden, hidden_dim=24, pool=pool, modalities=order,
+                                   activation=activation)
+    streams, masks = _inputs()
+    out, variables = model.init_with_output(jax.random.key(0), streams, masks)
+    p = _np(variables["params"])
+    assert set(p) == {"out"} | {f"hidden_{i}" for i in range(hidden)}
+    assert p["out"]["kernel"].shape == ((24 if hidden else D_IMG + W), W)
+    xs = {n: np.asarray(x, np.float64) for n, x in streams.items()}
+    want = _np_concat_mlp(p, xs, masks, order or ("image", "text"), pool, hidden, activation)
+    np.testing.assert_allclose(out["pooled"], want, atol=1e-5)
+    out2 = model.apply(variables, _with_garbage_in_padding(streams, masks), masks)
+    np.testing.assert_allclose(out2["pooled"], out["pooled"], atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["learned", "mean"])
+def test_hybrid_matches_numpy_with_three_modalities(weighting):
+    model = fusion.HybridFusion(width=W, num_classes=3, hidden=1, weighting=weighting)
+    streams, masks = _inputs3()
+    out, variables = model.init_with_output(jax.random.key(0), streams, masks)
+    names = ("audio", "image", "text")
+    params = nn.unbox(variables["params"])
+    if weighting == "learned":
+        np.testing.assert_allclose(out["decision_weights"], 0.25, atol=1e-7)  # zero init = the plain mean
+        params["decision_weights"] = jnp.array([0.5, -1.0, 0.2, 1.3])
+        out = model.apply({"params": params}, streams, masks)
+        w = np.exp([0.5, -1.0, 0.2, 1.3]) / np.exp([0.5, -1.0, 0.2, 1.3]).sum()
+    else:
+        assert "decision_weights" not in params
+        w = np.full(4, 0.25)
+    p = _np(params)
+    xs = {n: np.asarray(x, np.float64) for n, x in streams.items()}
+    fused = _np_concat_mlp(p, xs, masks, names, "mean", 1, "relu")
+    vecs = {n: _np_pool(xs[n], masks[n], "mean") for n in names}
+    vecs["image"] = _np_dense(vecs["image"], p["proj_image"])  # D_IMG -> W; the others are already W wide
+    fused_logits = _np_dense(fused, p["fused_head"])
+    logits = {n: _np_dense(vecs[n], p[f"head_{n}"]) for n in names}
+    np.testing.assert_allclose(out["decision_weights"], w, atol=1e-6)
+    np.testing.assert_allclose(out["fused_logits"], fused_logits, atol=1e-5)
+    for n in names:
+        np.testing.assert_allclose(out["modality_logits"][n], logits[n], atol=1e-5)
+    want = w[0] * fused_logits + sum(w[k + 1] * logits[n] for k, n in enumerate(names))
+    np.testing.assert_allclose(out["logits"], want, atol=1e-5)
+    chex.assert_shape(out["logits"], (B, 3))
+    want_pooled = w[0] * fused + sum(w[k + 1] * vecs[n] for k, n in enumerate(names))
+    np.testing.assert_allclose(out["pooled"], want_pooled, atol=1e-5)
+    out2 = model.apply({"params": params}, _with_garbage_in_padding(streams, masks), masks)
+    chex.assert_trees_all_close({k: out2[k] for k in ("pooled", "logits", "modality_logits")},
+                                {k: out[k] for k in ("pooled", "logits", "modality_logits")}, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_symmetric_cross_attention_matches_numpy_with_three_modalities(norm):
+    model = fusion.SymmetricCrossAttention(width=W, num_heads=2, mlp_dim=32, depth=2, norm=norm)
+    streams, masks = _inputs3()
+    out, variables = model.init_with_output(jax.random.key(0), streams, masks)
+    names = ("audio", "image", "text")
+    p = _np(variables["params"])
+    pairs = {f"attn_{m}_from_{n}" for m in names for n in names if n != m}
+    assert pairs <= set(p["layer_0"]) and len(pairs) == 6  # one attention per ordered pair of modalities
+    xs = {n: np.asarray(x, np.float64) for n, x in streams.items()}
+    xs["image"] = _np_dense(xs["image"], p["proj_image"])
+    want, pooled = _np_symmetric(p, xs, masks, names, 2, norm)
+    for n in names:
+        _assert_real_close(out["streams"][n], want[n], masks[n])
+    np.testing.assert_allclose(out["pooled"], pooled, atol=1e-5)
+    chex.assert_shape(out["sequence"], (B, 3 + L_IMG + L_TXT, W))
+    _assert_real_close(out["sequence"], np.concatenate([want[n] for n in names], axis=1), out["mask"])
+    np.testing.assert_array_equal(out["mask"], np.concatenate([masks[n] for n in names], axis=1))
+
+    out2 = model.apply(variables, _with_garbage_in_padding(streams, masks), masks)
+    for n in names:
+        _assert_real_close(out2["streams"][n], out["streams"][n], masks[n])
+    np.testing.assert_allclose(out2["pooled"], out["pooled"], atol=1e-5)
+
+
+@pytest.mark.parametrize("n_modalities", [2, 4])
+def test_symmetric_cross_attention_any_number_of_modalities(n_modalities):
+    """Two and four streams (per-modality masks): parameters per ordered pair, each stream sees every other."""
+    rng = np.random.default_rng(3)
+    names = ("a", "b", "c", "d")[:n_modalities]
+    streams = {n: jnp.asarray(rng.normal(size=(B, 2 + i, W)), jnp.float32) for i, n in enumerate(names)}
+    masks = {n: jnp.asarray(np.arange(2 + i)[None] < np.array([[2 + i], [1 + i]])).astype(jnp.int32)
+             for i, n in enumerate(names)}
+    model = fusion.SymmetricCrossAttention(width=W, num_heads=2, mlp_dim=32, depth=1)
+    out, variables = model.init_with_output(jax.random.key(0), streams, masks)
+    p = _np(variables["params"])
+    assert sum(k.startswith("attn_") for k in p["layer_0"]) == n_modalities * (n_modalities - 1)
+    xs = {n: np.asarray(x, np.float64) for n, x in streams.items()}
+    want, pooled = _np_symmetric(p, xs, masks, names, 1, "pre")
+    for n in names:
+        _assert_real_close(out["streams"][n], want[n], masks[n])
+    np.testing.assert_allclose(out["pooled"], pooled, atol=1e-5)
+    # Changing the last stream changes every other stream's real tokens (noise, not a constant shift: the pre-LN
+    # of the keys/values removes a shift along every feature).
+    moved = streams[names[-1]] + jnp.asarray(rng.normal(size=streams[names[-1]].shape), jnp.float32)
+    out2 = model.apply(variables, {**streams, names[-1]: moved}, masks)
+    for n in names[:-1]:
+        assert not np.allclose(np.asarray(out2["streams"][n])[np.asarray(masks[n]) > 0],
+                               np.asarray(out["streams"][n])[np.asarray(masks[n]) > 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NEW_BLOCKS)
+def test_gradient_reaches_every_modality_and_parameter(name):
+    """d(loss)/d(stream) is non-zero on every modality's real tokens and exactly zero on its padded ones, and
+    every parameter gets a gradient. symmetric_cross_attention: each stream's own tokens are left out of its
+    loss, so the gradient there comes through the other streams' cross-attention."""
+    kw = dict(width=W) if name != "symmetric_cross_attention" else dict(TRANSFORMER, depth=1)
+    model = fusion.build_fusion(name, **kw)
+    streams, masks = _inputs3()
+    variables = model.init(jax.random.key(0), streams, masks)
+    rng = np.random.default_rng(7)
+    names = sorted(streams)
+    skips = names if name == "symmetric_cross_attention" else [None]
+
+    def loss(params, xs, skip=None):
+        out = model.apply({"params": params}, xs, masks)
+        total = jnp.sum(out["pooled"] * rng.normal(size=out["pooled"].shape)) if skip is None else 0.0
+        if out.get("logits") is not None:
+            total += jnp.sum(out["logits"] * rng.normal(size=out["logits"].shape))
+        for n in (out["streams"] or {}):
+            if n != skip:
+                total += jnp.sum(jnp.where(masks[n][..., None] > 0, out["streams"][n], 0.0)
+                                 * rng.normal(size=out["streams"][n].shape))
+        return total
+
+    @jax.jit  # one compile for every gradient below beats differentiating op by op
+    def all_grads(params, xs):
+        return jax.grad(loss)(params, xs), [jax.grad(loss, argnums=1)(params, xs, skip) for skip in skips]
+
+    param_grads, input_grads = all_grads(variables["params"], streams)
+    for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(param_grads)):
+        assert np.abs(np.asarray(g)).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+    for skip, g in zip(skips, input_grads):
+        for n in names:
+            real = np.asarray(masks[n]) > 0
+            assert np.all(np.abs(np.asarray(g[n]))[real].max(-1) > 0), (skip, n)
+            np.testing.assert_array_equal(np.asarray(g[n])[~real], 0.0)
+
+
 # ------------------------------------------------------------------------------------------ shared weights
 
 
@@ -317,3 +562,10 @@ def test_registry_and_errors():
         fusion.build_fusion("sum", width=W, modalities=["audio", "text"]).init(jax.random.key(0), streams, masks)
     with pytest.raises(ValueError, match="query"):
         fusion.build_fusion("cross_attention", **TRANSFORMER, query="audio").init(jax.random.key(0), streams, masks)
+    with pytest.raises(ValueError, match="at least two streams"):
+        fusion.build_fusion("symmetric_cross_attention", **TRANSFORMER).init(
+            jax.random.key(0), {"text": streams["text"]}, {"text": masks["text"]})
+    with pytest.raises(ValueError, match="hidden must be >= 0"):
+        fusion.build_fusion("concat_mlp", width=W, hidden=-1).init(jax.random.key(0), streams, masks)
+    with pytest.raises(ValueError, match=r"weighting must be one of \('mean', 'learned'\)"):
+        fusion.build_fusion("hybrid", width=W, weighting="max").init(jax.random.key(0), streams, masks)

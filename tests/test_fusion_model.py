@@ -1,12 +1,14 @@
 """FusionModel tests: every fusion block builds with shapes/finite values, logical axes, padding invariance, the
-tied MLM decoder, token sources (fused vs the encoders' own), late-fusion ITM, config handling (towers from the
-config, the tower registry, remat_policy) and errors.
+tied MLM decoder, token sources (fused vs the encoders' own), late/hybrid-fusion ITM, config handling (towers from
+the config, the tower registry, remat_policy, configs/fusion.py's block argument) and errors.
 
 CPU, tiny sizes, eager apply. Parameters come from `jax.eval_shape(model.init)` (the real init code, traced, with
 its logical-axis boxes) filled with numpy normals: eager random init compiles one threefry program per shape,
 which costs more here than the whole forward pass.
 """
 import functools
+import importlib.util
+import pathlib
 
 import chex
 import flax
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models import build_model, towers
+from mmjax.models import build_model, fusion, towers
 from mmjax.models.fusion_model import FusionModel
 from mmjax.models.heads import HeadTransform
 from mmjax.models.text import TextTransformer
@@ -36,11 +38,16 @@ CONFIGS = {
     "multiplicative_gated": dict(width=W),
     "late": dict(width=W),
     "shared_weights": TRANSFORMER,
+    "concat_mlp": dict(width=W, hidden=1),
+    "hybrid": dict(width=W),
+    "symmetric_cross_attention": TRANSFORMER,
 }
 # Whether text_tokens (the MLM input) can see the image, for the configs above (depth 1 throughout).
 FUSED_TEXT = {"concat": True, "cross_attention": True, "co_attention": True, "bottleneck": False, "sum": False,
-              "multiplicative_gated": False, "late": False, "shared_weights": False}
-POOLING_ONLY = ("sum", "multiplicative_gated", "late")
+              "multiplicative_gated": False, "late": False, "shared_weights": False, "concat_mlp": False,
+              "hybrid": False, "symmetric_cross_attention": True}
+POOLING_ONLY = ("sum", "multiplicative_gated", "late", "concat_mlp", "hybrid")
+DECISION = ("late", "hybrid")  # blocks whose combined decision is itm_logits (no itm_head)
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "length", "joint", None}
 
 
@@ -99,13 +106,13 @@ def test_shapes_finite_and_logical_axes(name):
         named = [n for n in leaf.names if n is not None]
         assert len(named) == len(set(named)), leaf.names
     assert {"image_encoder", "text_encoder", "mlm_transform", "mlm_bias"} <= set(abstract)
-    assert ("itm_head" in abstract) == (name != "late")  # late: its own fused decision is the ITM head
+    assert ("itm_head" in abstract) == (name not in DECISION)  # late/hybrid: their own decision is the ITM head
 
 
 # --------------------------------------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("name", ["concat", "co_attention"])
+@pytest.mark.parametrize("name", ["concat", "co_attention", "symmetric_cross_attention", "hybrid"])
 def test_padded_text_ids_change_nothing_real(name):
     model, _, params, batch, out = _setup(name)
     ids = np.asarray(batch["text_ids"]).copy()
@@ -145,15 +152,19 @@ def test_token_sources():
     assert not np.allclose(np.asarray(out2["mlm_logits"])[real], np.asarray(out["mlm_logits"])[real], atol=1e-4)
 
 
-def test_late_itm_logits_are_the_fused_decision():
-    model, _, params, batch, out = _setup("late")
+@pytest.mark.parametrize("name", DECISION)
+def test_decision_blocks_itm_logits_are_the_combined_decision(name):
+    model, _, params, batch, out = _setup(name)
     _, state = model.apply({"params": params}, batch, mutable=["intermediates"])
-    logits = state["intermediates"]["fusion_extras"][0]["logits"]
-    np.testing.assert_allclose(out["itm_logits"], logits, atol=1e-6)
+    extras = state["intermediates"]["fusion_extras"][0]
+    np.testing.assert_allclose(out["itm_logits"], extras["logits"], atol=1e-6)
+    if name == "hybrid":
+        assert {"fused_logits", "modality_logits", "decision_weights"} <= set(extras)
+        chex.assert_shape([extras["fused_logits"], extras["decision_weights"]], [(B, 2), (3,)])
     assert model.fusion_kwargs()["num_classes"] == 2
-    with pytest.raises(ValueError, match="num_classes=2"):
-        FusionModel(towers=TOWERS, fusion="late", fusion_args=dict(num_classes=3)).fusion_kwargs()
-    FusionModel(towers=TOWERS, fusion="late", fusion_args=dict(num_classes=3), itm_head=False).fusion_kwargs()
+    with pytest.raises(ValueError, match=f"{name} block.*num_classes=2"):
+        FusionModel(towers=TOWERS, fusion=name, fusion_args=dict(num_classes=3)).fusion_kwargs()
+    FusionModel(towers=TOWERS, fusion=name, fusion_args=dict(num_classes=3), itm_head=False).fusion_kwargs()
 
 
 def test_fused_text_table():
@@ -167,6 +178,8 @@ def test_fused_text_table():
     assert not fused("bottleneck", depth=2, fusion_layer=1)
     assert not fused("additive_gated")
     assert not fused("shared_weights", depth=2)
+    assert fused("symmetric_cross_attention") and not fused("symmetric_cross_attention", depth=0)
+    assert not fused("concat_mlp") and not fused("hybrid")
 
 
 # ------------------------------------------------------------------------------------ config and errors
@@ -203,6 +216,29 @@ def test_errors():
         FusionModel(towers=TOWERS, fusion="concatt").fusion_kwargs()
     with pytest.raises(ValueError, match="n_bottleneck"):
         FusionModel(towers=TOWERS, fusion="bottleneck", fusion_args=dict(n_bottleneck=2)).fusion_kwargs()
+    # fusion= switched alone keeps the previous block's fields: the error says how to switch both.
+    with pytest.raises(ValueError, match=r"for fusion block 'hybrid'.*configs/fusion.py:block=hybrid"):
+        FusionModel(towers=TOWERS, fusion="hybrid", fusion_args=dict(CONFIGS["cross_attention"])).fusion_kwargs()
+
+
+def _fusion_config_module():
+    spec = importlib.util.spec_from_file_location(
+        "mmjax_test_configs_fusion", pathlib.Path(__file__).resolve().parent.parent / "configs" / "fusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_block_is_selectable_from_the_fusion_config():
+    """configs/fusion.py:block=NAME sets model.fusion and fields that NAME's block accepts, for every block."""
+    module = _fusion_config_module()
+    assert set(module.BLOCK_ARGS) == set(fusion.FUSION_BLOCKS)
+    for name in fusion.FUSION_BLOCKS:
+        c = module.get_config(f"block={name}")
+        assert c.model.fusion == name
+        model = FusionModel(towers=TOWERS, fusion=name, fusion_args=c.model.fusion_args.to_dict())
+        assert model.fusion_kwargs()["width"] == module.WIDTH
+    assert module.get_config("hybrid").model.fusion_args.hidden == 1  # the bare block name works too
 
 
 def test_build_model_validates_towers():
@@ -267,7 +303,8 @@ class _ToyAudio(nn.Module):
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(frames)
 
 
-def test_registry_entry_adds_a_modality(monkeypatch):
+@pytest.mark.parametrize("name", ["concat", "symmetric_cross_attention", "hybrid"])
+def test_registry_entry_adds_a_modality(monkeypatch, name):
     """A new tower kind is one registry entry: FusionModel then fuses three modalities (traced only)."""
     def encode(tower, batch, train):
         tokens = tower(batch["audio"], train=train)
@@ -275,8 +312,8 @@ def test_registry_entry_adds_a_modality(monkeypatch):
 
     monkeypatch.setitem(towers.TOWERS, "toy_audio", towers.TowerKind(module=_ToyAudio, inputs=("audio",),
                                                                       encode=encode))
-    model = build_model(dict(name="fusion", towers=dict(TOWERS, audio=dict(kind="toy_audio")), fusion="concat",
-                             fusion_args=TRANSFORMER))
+    model = build_model(dict(name="fusion", towers=dict(TOWERS, audio=dict(kind="toy_audio")), fusion=name,
+                             fusion_args=CONFIGS[name]))
     batch = dict(_batch(), audio=jnp.zeros((B, 5, 3)))
     out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), batch)
     chex.assert_shape([out["audio_tokens"], out["audio_mask"]], [(B, 5, W), (B, 5)])
@@ -284,6 +321,9 @@ def test_registry_entry_adds_a_modality(monkeypatch):
                       [(B, L, W), (B, N_IMG, W), (B, L, V)])
     assert {"audio_encoder", "image_encoder", "text_encoder"} <= set(variables["params"])
     assert model.required_keys == ("image", "text_ids", "text_mask", "audio")
+    chex.assert_shape(out["itm_logits"], (B, 2))
+    if name == "symmetric_cross_attention":  # one attention per ordered pair of the three modalities
+        assert sum(k.startswith("attn_") for k in variables["params"]["fusion"]["layer_0"]) == 6
     with pytest.raises(KeyError, match="audio"):
         model.init(jax.random.key(0), _batch())
 

@@ -85,6 +85,113 @@ def test_contrastive_metrics():
     assert float(m["i2t_acc"]) == 1.0 and float(m["t2i_acc"]) == 1.0
 
 
+# ---------------------------------------------------------------------------------------------------- ranking losses
+
+
+def np_hinge_rank(x, y, margin, hardest, directions, valid=None):
+    """Loop reference, per anchor and per negative: (loss, dL/ds [B, B], fraction of negative pairs violating).
+
+    A hardest anchor's gradient is split evenly between tied maxima, as jax.grad of jnp.max splits it.
+    """
+    s = x @ y.T
+    n = len(s)
+    valid = np.ones((n, n), bool) if valid is None else valid
+    loss, grad, active, pairs = 0.0, np.zeros_like(s), 0, 0
+    for direction in (("i2t", "t2i") if directions == "both" else (directions,)):
+        for a in range(n):  # anchor: image a (i2t) or text a (t2i)
+            hinges = []
+            for b in range(n):  # negative: text b (i2t) or image b (t2i)
+                i, j = (a, b) if direction == "i2t" else (b, a)
+                if b == a or not valid[i, j]:
+                    continue
+                hinges.append((max(0.0, margin - s[a, a] + s[i, j]), (i, j)))
+            pairs += len(hinges)
+            active += sum(h > 0 for h, _ in hinges)
+            if not hinges:
+                continue
+            if hardest:
+                top = max(h for h, _ in hinges)
+                hinges = [(h, ij) for h, ij in hinges if h == top]
+                weight = 1.0 / len(hinges)
+                loss += top / n
+            else:
+                weight = 1.0
+                loss += sum(h for h, _ in hinges) / n
+            for h, (i, j) in hinges:
+                if h > 0:
+                    grad[i, j] += weight / n
+                    grad[a, a] -= weight / n
+    return loss, grad, active / max(pairs, 1)
+
+
+def _ranking_case():
+    """B=6 embeddings with ties: texts 1 and 4 are the same caption, images 2 and 5 the same image; positives are
+    closer than most negatives, so only some pairs violate the margin."""
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 6, 8)
+    y = x + 0.7 * rng.normal(size=x.shape)
+    y /= np.linalg.norm(y, axis=-1, keepdims=True)
+    y[4] = y[1]
+    x[5] = x[2]
+    caption_ids = np.array([0, 1, 2, 3, 1, 5])
+    same = caption_ids[:, None] == caption_ids[None, :]
+    return x.astype(np.float32), y.astype(np.float32), same
+
+
+@pytest.mark.parametrize("exclude_duplicates", [False, True])
+@pytest.mark.parametrize("hardest", [False, True])
+@pytest.mark.parametrize("directions", ["i2t", "t2i", "both"])
+def test_hinge_rank_loss_matches_loop_reference(directions, hardest, exclude_duplicates):
+    x, y, same = _ranking_case()
+    valid = ~same if exclude_duplicates else None
+    margin = 0.2
+    fn = jax.jit(lambda a, b: losses.hinge_rank_loss(a, b, margin, hardest=hardest, directions=directions,
+                                                     valid=valid))
+    got, (gx, gy) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(y))
+    want, ds, violating = np_hinge_rank(x.astype(np.float64), y.astype(np.float64), margin, hardest, directions,
+                                        valid)
+    assert 0.0 < violating < 1.0  # the hinge both clips and passes pairs in this case
+    assert got.shape == () and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # s = x y^T, so dL/dx = dL/ds y and dL/dy = dL/ds^T x.
+    np.testing.assert_allclose(gx, ds @ y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gy, ds.T @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_hinge_rank_loss_excluding_duplicates_changes_the_loss():
+    x, y, same = _ranking_case()
+    for kwargs in losses.RANKING_LOSSES.values():
+        with_dups = losses.hinge_rank_loss(x, y, 0.2, **kwargs)
+        without = losses.hinge_rank_loss(x, y, 0.2, valid=~same, **kwargs)
+        # The duplicate caption scores as high as the positive: a negative at the full margin, now dropped.
+        assert float(without) < float(with_dups)
+
+
+@pytest.mark.parametrize("name", sorted(losses.RANKING_LOSSES))
+def test_hinge_rank_loss_batch_of_one_is_zero(name):
+    x = jnp.asarray([[0.6, 0.8]])
+    loss, g = jax.value_and_grad(losses.hinge_rank_loss)(x, -x, 0.5, **losses.RANKING_LOSSES[name])
+    assert float(loss) == 0.0 and np.all(np.asarray(g) == 0.0)
+
+
+def test_hinge_rank_loss_pair_at_the_margin_costs_and_pushes_nothing():
+    # Exact in float32: s = [[1, 0.75], [0, 0.5]], so image 0's hinge on text 1 is 0.25 - 1 + 0.75 = 0.
+    x = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    y = jnp.asarray([[1.0, 0.0], [0.75, 0.5]])
+    loss, (gx, gy) = jax.value_and_grad(losses.hinge_rank_loss, argnums=(0, 1))(x, y, 0.25, directions="i2t")
+    assert float(loss) == 0.0 and np.all(np.asarray(gx) == 0.0) and np.all(np.asarray(gy) == 0.0)
+
+
+def test_hinge_rank_loss_devise_formula_and_bad_direction():
+    x, y, _ = _ranking_case()
+    # DeViSE (Frome et al. 2013), per image i: sum_{j != i} max(0, margin - t_i.v_i + t_j.v_i).
+    want = np.mean([sum(max(0.0, 0.1 - y[i] @ x[i] + y[j] @ x[i]) for j in range(6) if j != i) for i in range(6)])
+    np.testing.assert_allclose(losses.hinge_rank_loss(x, y, 0.1, **losses.RANKING_LOSSES["hinge"]), want,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="directions must be one of"):
+        losses.hinge_rank_loss(x, y, directions="image")
+
+
 # ---------------------------------------------------------------------------------------- masked modelling / ITM / VQA
 
 

@@ -178,11 +178,88 @@ def test_missing_head_output_names_the_objective():
         task.loss({"w": jnp.ones(())}, _batch(), jax.random.key(0))
 
 
+class Scorer(Recorder):
+    """A Recorder whose ITM head scores a pair by its caption's first word id: mining must find the highest."""
+
+    @nn.compact
+    def __call__(self, batch, *, train=False):
+        out = super().__call__(batch, train=train)
+        first = batch["text_ids"][:, 1].astype(jnp.float32)
+        return {**out, "itm_logits": jnp.stack([jnp.zeros_like(first), first], axis=1)}
+
+
+def test_mined_negatives_are_the_candidates_the_itm_head_scores_highest():
+    config = _config(itm=1)
+    config.task.itm.negatives = dict(mined=1.0)
+    config.task.itm.mine = dict(candidates=B - 1, temperature=1e-3)  # every other caption; (near) argmax
+    batch = _batch()
+    batch["text_ids"][2] = batch["text_ids"][3]  # a duplicate caption: never a negative of its twin
+    SEEN.clear()
+    task = _task(Scorer(), config, _meta(attributes=False))
+    loss, _ = task.loss({"w": jnp.ones(())}, batch, jax.random.key(0))
+    assert np.isfinite(float(loss))
+    mining, main = SEEN[0], SEEN[-1]
+    assert mining["text_ids"].shape[0] == (B - 1) * B  # every candidate scored once, without gradient
+    first = batch["text_ids"][:, 1]
+    for i in range(B):
+        allowed = [j for j in range(B) if j != i and not np.array_equal(batch["text_ids"][j], batch["text_ids"][i])]
+        best = max(allowed, key=lambda j: first[j])
+        np.testing.assert_array_equal(main["text_ids"][B + i], batch["text_ids"][best])
+    # A weight of zero never mines (no extra forward).
+    SEEN.clear()
+    config.task.itm.negatives = dict(in_batch=1.0, mined=0.0)
+    _task(Scorer(), config, _meta(attributes=False)).loss({"w": jnp.ones(())}, batch, jax.random.key(0))
+    assert len(SEEN) == 1
+    config.task.itm.mine = dict(candidates=0, temperature=1.0)
+    config.task.itm.negatives = dict(mined=1.0)
+    with pytest.raises(ValueError, match="candidates >= 1"):
+        _task(Scorer(), config, _meta(attributes=False))
+
+
+class TagRecorder(Recorder):
+    """A Recorder that also returns OSCAR's tag MLM logits."""
+
+    @nn.compact
+    def __call__(self, batch, *, train=False):
+        out = super().__call__(batch, train=train)
+        n, t = batch["tags_text_ids"].shape
+        return {**out, "tags_mlm_logits": jnp.zeros((n, t, V)) * self.variables["params"]["w"]}
+
+
+def test_polluted_tags_and_masked_tag_words():
+    config = _config(mlm=1, itm=1)
+    config.task.itm.swap = "tags"
+    config.task.itm.negatives = dict(in_batch=1.0)
+    meta = _meta(attributes=False)
+    meta = meta.__class__(**{**meta.__dict__, "model_keys": meta.model_keys + ("tags_text_ids", "tags_text_mask")})
+    batch = _batch()
+    tags = np.zeros((B, L), np.int32)
+    tags[:, 0], tags[:, 1], tags[:, 2] = 1, [20, 20, 30, 40], 2  # [CLS] tag [SEP]; examples 0 and 1 share a tag
+    batch["tags_text_ids"], batch["tags_text_mask"] = tags, (tags > 0).astype(np.int32)
+    SEEN.clear()
+    task = _task(TagRecorder(), config, meta)
+    for seed in range(5):
+        _, metrics = task.loss({"w": jnp.ones(())}, batch, jax.random.key(seed))
+        seen = SEEN[-1]
+        false, mlm = slice(B, 2 * B), slice(2 * B, 3 * B)
+        np.testing.assert_array_equal(seen["text_ids"][false], batch["text_ids"])  # the caption is kept ...
+        polluted = seen["tags_text_ids"][false]
+        assert np.all(np.any(polluted != tags, axis=1))  # ... and the tags are always another image's, different
+        masked = seen["tags_text_ids"][mlm]
+        assert np.all(masked[:, [0, 2]] == tags[:, [0, 2]])  # [CLS] / [SEP] never masked
+    assert np.any(SEEN[-1]["tags_text_ids"][2 * B:3 * B] != tags) or any(
+        np.any(s["tags_text_ids"][2 * B:3 * B] != tags) for s in SEEN)  # the tag words are masked too
+    with pytest.raises(ValueError, match="task.itm.swap='tags'"):
+        _task(TagRecorder(), config, _meta(attributes=False))
+
+
 CONFIGS = [("vilt.py", "tiny"), ("vilt.py", "base"), ("uniter.py", "tiny"), ("uniter.py", "base"),
-           ("vilbert.py", "tiny"), ("vilbert.py", "base"),
+           ("vilbert.py", "tiny"), ("vilbert.py", "base"), ("visualbert.py", "tiny"), ("visualbert.py", "base"),
+           ("lxmert.py", "tiny"), ("lxmert.py", "base"), ("oscar.py", "tiny"), ("oscar.py", "base"),
            *[("fusion.py", block) for block in ("concat", "sum", "multiplicative_gated", "additive_gated",
                                                 "cross_attention", "co_attention", "bottleneck", "late",
-                                                "shared_weights")]]
+                                                "shared_weights", "concat_mlp", "hybrid",
+                                                "symmetric_cross_attention")]]
 
 
 @pytest.mark.parametrize("filename,arg", CONFIGS, ids=[f"{f[:-3]}:{a}" for f, a in CONFIGS])
@@ -195,7 +272,10 @@ def test_every_matching_config_builds_abstractly(load_config, filename, arg):
     state_lib.resolve_model_config(config, meta)
     model = build_model(config.model)
     task = matching.MatchingTask(model, config, meta, FAKE_TOKENIZER, MESH)
-    assert task.negative_kinds == ("in_batch", "other_color", "other_shape")
+    if config.task.itm.swap == "tags":  # OSCAR: polluted tags, no caption hard negatives
+        assert task.negative_kinds == ("in_batch", "mined")
+    else:
+        assert task.negative_kinds == ("in_batch", "mined", "other_color", "other_shape")
     boxed = state_lib.abstract_params(model, pipeline.batch_shapes(config.data, meta), 0)
     assert state_lib.count_params(boxed) > 0
     out = jax.eval_shape(lambda p, b: model.apply({"params": p}, b), nn.meta.unbox(boxed),
@@ -213,3 +293,58 @@ def test_dry_run_traces_the_whole_matching_step(load_config, filename):
     config.train.batch_size = 8
     summary = trainer.train_and_evaluate(config, None, dry_run=True)
     assert summary["params"] > 1e5 and summary["train_step_flops"] > 0
+
+
+def _random_batch(config, meta, b=8, seed=0):
+    """A random batch of a config's model inputs (+ the hard-negative captions its task may read)."""
+    rng = np.random.default_rng(seed)
+    shapes = pipeline.train_batch_shapes(config.data, meta, b)
+    batch = {}
+    for key, s in shapes.items():
+        if key.endswith("text_mask"):
+            batch[key] = np.ones(s.shape, np.int32)
+        elif key.endswith("text_ids"):
+            ids = rng.integers(5, V, s.shape)
+            ids[:, 0], ids[:, -1] = 1, 2
+            batch[key] = ids.astype(np.int32)
+        elif s.dtype == np.int32:
+            batch[key] = np.zeros(s.shape, np.int32)
+        else:
+            batch[key] = rng.normal(size=s.shape).astype(np.float32)
+    return batch
+
+
+@pytest.mark.parametrize("filename", ["vilt.py", "fusion.py"])
+def test_mpp_wpa_and_mined_negatives_switch_on_from_the_config(load_config, filename):
+    """What --config.task.objectives.mpp=1 --config.task.objectives.wpa=0.1 --config.task.itm.negatives.mined=1
+    does: the MPP head comes on by itself, and one step trains every objective."""
+    from mmjax.models import build_model  # pylint: disable=import-outside-toplevel
+
+    config = load_config(filename)
+    config.lock()  # as the command line's overrides see it: they may only set fields that exist
+    config.task.objectives.mpp, config.task.objectives.wpa = 1, 0.1
+    config.task.itm.negatives.mined = 1
+    config.unlock()
+    config.data.image_size = 32
+    if filename == "fusion.py":
+        config.model.towers.image.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+        config.model.towers.text.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+    else:
+        config.model.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+    meta = pipeline.dataset_meta(config.data)
+    meta = meta.__class__(**{**meta.__dict__, "vocab_size": V})
+    done = state_lib.resolve_model_config(config, meta)
+    assert "model.mpp_head = True (task.objectives.mpp)" in done
+    model = build_model(config.model)
+    task = matching.MatchingTask(model, config, meta, FAKE_TOKENIZER, MESH)
+    assert task.mined
+    batch = jax.tree.map(jnp.asarray, _random_batch(config, meta))
+    params = model.init(jax.random.key(0), {k: batch[k] for k in meta.model_keys})["params"]
+    (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(
+        nn.meta.unbox(params), batch, jax.random.key(1))
+    assert {"mpp_loss", "wpa_loss", "itm_loss", "mlm_loss"} <= set(metrics) and np.isfinite(float(loss))
+    mpp_params = [k for k in jax.tree_util.tree_leaves_with_path(grads) if "mpp_decoder" in jax.tree_util.keystr(k[0])]
+    assert mpp_params and all(float(jnp.abs(g).sum()) > 0 for _, g in mpp_params)
+    image_tower = "image_encoder" if filename == "fusion.py" else None
+    if image_tower:  # the ViT tower owns the [MASK] patch, and MPP trains it
+        assert float(jnp.abs(grads[image_tower]["mask_patch"]).sum()) > 0

@@ -59,7 +59,8 @@ def small_region_config(load_config, name):
         c.model.fusion_args.update(dict(depth=1, mlp_dim=128))
         c.data.image_size = 32
     else:
-        depth = dict(depth=2) if name == "uniter" else dict(text_depth=1, co_depth=1)
+        depth = {"vilbert": dict(text_depth=1, co_depth=1), "lxmert": dict(l_layers=1, r_layers=1, x_layers=1)
+                 }.get(name, dict(depth=2))
         c.model.update(dict(width=64, heads=2, mlp_dim=128, vocab_size=64, **depth))
     c.data.max_len = 8
     c.train.batch_size = 16
@@ -95,6 +96,10 @@ def random_batch(config, meta, seed=0):
         batch["region_mask"] = np.ones((b, r), np.int32)
         batch["region_mask"][0, -2:] = 0
         batch["region_targets"] = rng.dirichlet(np.ones(meta.region_classes), size=(b, r)).astype(np.float32)
+    if "tags_text_ids" in meta.model_keys:  # OSCAR's object tags: [CLS] tag [SEP]
+        tags = np.zeros((b, length), np.int32)
+        tags[:, 0], tags[:, 1], tags[:, 2] = 1, rng.integers(5, 8, size=b), 2
+        batch["tags_text_ids"], batch["tags_text_mask"] = tags, (tags > 0).astype(np.int32)
     return batch
 
 
@@ -212,7 +217,7 @@ def test_sharded_step_equals_single_device(load_config, mesh, model):
     check_sharded_equals_single(config, mesh)
 
 
-@pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion"])
+@pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion", "visualbert", "lxmert", "oscar"])
 def test_sharded_step_equals_single_device_fusion_models(load_config, model):
     check_sharded_equals_single(small_region_config(load_config, model), dict(data=2, fsdp=2, tensor=2))
 

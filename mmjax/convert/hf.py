@@ -5,8 +5,8 @@
     mmjax.convert.hf.save("out_dir", config, variables)   # back to a directory transformers can load
 
 Weights are read with `safetensors.numpy`: no torch at run time. `load` dispatches on config.json's `model_type`
-to one converter module per family (`hf_bert`, `hf_vit`, `hf_clip`, `hf_vilt`); each exposes
-`load(hf_config, tensors) -> (module, variables, model_config)` and `export(model_config, variables) ->
+to one converter module per family (`hf_bert`, `hf_vit`, `hf_clip`, `hf_vilt`, `hf_visual_bert`, `hf_lxmert`); each
+exposes `load(hf_config, tensors) -> (module, variables, model_config)` and `export(model_config, variables) ->
 (hf_config, tensors)`.
 
 This module also holds the pieces the converters share: a weight mapping is a list of `Rule`s (our param path,
@@ -38,6 +38,9 @@ CONVERTERS: dict[str, str] = {
     "vit": "mmjax.convert.hf_vit",
     "clip": "mmjax.convert.hf_clip",
     "vilt": "mmjax.convert.hf_vilt",
+    "visual_bert": "mmjax.convert.hf_visual_bert",
+    "visualbert": "mmjax.convert.hf_visual_bert",  # our config name (HF's model_type has the underscore)
+    "lxmert": "mmjax.convert.hf_lxmert",
 }
 # Task-head classes (BertForMaskedLM, ViTForImageClassification, ...) save the base model under this prefix;
 # the base classes (BertModel, sentence-transformers checkpoints) save it without one. CLIP / ViLT converters get

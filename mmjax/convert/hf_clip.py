@@ -242,6 +242,8 @@ def export(model_config: Mapping[str, Any], variables: Mapping[str, Any], *, eos
     problems = []
     if model.loss != "softmax":
         problems.append(f"loss={model.loss!r} (HF CLIPModel is the softmax loss; SigLIP is another class)")
+    if not model.project_text:
+        problems.append("project_text=False (HF CLIPModel always has a text projection)")
     if vit.pool != "cls" or vit.cls_token is False:
         problems.append(f"image pool={vit.pool!r} (HF pools the cls token)")
     if not vit.ln_pre:

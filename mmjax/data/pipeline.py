@@ -84,7 +84,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         eval_source=config_dict.placeholder(str),  # the source evaluated on by default (default: the first)
         # Region inputs for region-based models (UNITER, ViLBERT): precomputed features or regions_from_boxes,
         # padded to max_regions (precomputed) per example.
-        regions=dict(enabled=False, max_regions=36),
+        # tags: OSCAR's object tags, the names of the classes the regions hold (tags_text_ids / tags_text_mask).
+        regions=dict(enabled=False, max_regions=36, tags=False),
         answers=False,          # VQA sources: also deliver the answer soft scores as `answers` [V]
         # Audio sources: the rate every clip is read at (a dataset at another rate is resampled while reading) and
         # the clip length of a batch (longer clips keep their first max_seconds).
@@ -224,19 +225,24 @@ def _region_keys(cfg, meta, b):
             "region_mask": ((b, r), np.int32)}
 
 
+def _tag_keys(cfg, meta, b):
+    return {"tags_text_ids": ((b, cfg.max_len), np.int32), "tags_text_mask": ((b, cfg.max_len), np.int32)}
+
+
 def _audio_keys(cfg, meta, b):
     return {"audio": ((b, sources.audio_samples(cfg)), np.float32), "audio_length": ((b,), np.int32)}
 
 
 MODALITY_KEYS: dict[str, Callable] = {"image": _image_keys, "audio": _audio_keys, "text": _text_keys,
-                                      "regions": _region_keys}
+                                      "regions": _region_keys, "tags": _tag_keys}
 
 
 def modalities(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The modalities a model reads from this data's batches: those of the train sources' kinds (+ regions)."""
     kinds = {m for _, cfg in _sources(data_config) for m in sources.KINDS.get(cfg.kind, ())}
     found = tuple(m for m in ("image", "audio", "text") if m in kinds) or ("image", "text")
-    return found + (("regions",) if data_config.regions.enabled else ())
+    regions = ("regions",) if data_config.regions.enabled else ()
+    return found + regions + (("tags",) if regions and data_config.regions.get("tags") else ())
 
 
 def batch_shapes(data_config: ml_collections.ConfigDict, meta: DatasetMeta, batch_size: int = 1) -> dict:
@@ -292,7 +298,8 @@ def _process_layout(global_batch_size: int, process_index: int | None,
 def _to_numpy_batches(ds: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -> Iterator[dict[str, np.ndarray]]:
     """Pulls tf.data batches and tokenizes their caption strings on the host.
 
-    `caption` becomes text_ids / text_mask; any other `caption_NAME` becomes NAME_text_ids / NAME_text_mask.
+    `caption` becomes text_ids / text_mask; any other `caption_NAME` becomes NAME_text_ids / NAME_text_mask (so
+    `caption_tags`, the regions' object tags, becomes tags_text_ids / tags_text_mask).
     """
     for batch in ds.as_numpy_iterator():
         for key in [k for k in batch if k == "caption" or k.startswith("caption_")]:

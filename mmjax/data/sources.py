@@ -441,6 +441,11 @@ class _Example:
         self.regions = bool(data_config.regions.enabled)
         self.from_boxes = self.regions and bool(cfg.regions_from_boxes.box_key)
         self.max_regions = int(data_config.regions.max_regions)
+        self.tags = self.regions and bool(data_config.regions.get("tags"))
+        if self.tags and not self.from_boxes:
+            # Precomputed regions carry class probabilities but not the class names a tag needs.
+            raise ValueError(f"data.regions.tags: data.sources.{key} has precomputed regions without class names; "
+                             "tags are made for regions_from_boxes sources (their label_key names the classes)")
         self.answers = bool(data_config.get("answers"))
         if cfg.kind == "vqa" and cfg.text.vqa not in VQA_TEXT:
             raise ValueError(f"data.sources.{key}.text.vqa must be one of {VQA_TEXT}; got {cfg.text.vqa!r}")
@@ -551,6 +556,8 @@ class _Example:
             out.update(regions_from_boxes(out["image"], out.pop("box"), chunk["label"],
                                           crop=cfg.regions_from_boxes.crop, grid=cfg.regions_from_boxes.grid,
                                           num_classes=self.meta.region_classes))
+        if self.tags:
+            out["caption_tags"] = region_tags(out["region_targets"], out["region_mask"], self.meta.class_names)
         out["source"] = tf.fill(tf.shape(chunk["image_id"]), self.index)
         return out
 
@@ -650,6 +657,17 @@ def regions_from_boxes(image: tf.Tensor, box: tf.Tensor, label: tf.Tensor, *, cr
     targets = covered[..., None] * onehot + (1.0 - covered[..., None]) * background
     return {"region_feats": feats, "region_boxes": boxes, "region_mask": tf.ones([c, r], tf.int32),
             "region_targets": targets}
+
+
+def region_tags(targets: tf.Tensor, region_mask: tf.Tensor, class_names: tuple[str, ...],
+                threshold: float = 0.5) -> tf.Tensor:
+    """OSCAR's object tags of a chunk: the names of the classes (background, the last, excluded) that some real
+    region holds with probability > threshold, in class order, joined by spaces -> string [c] ("" if none)."""
+    probs = targets[..., :len(class_names)] * tf.cast(region_mask, tf.float32)[..., None]
+    present = tf.reduce_max(probs, axis=1) > threshold  # [c, classes]
+    names = tf.where(present, tf.constant(class_names)[None, :], "")
+    joined = tf.strings.reduce_join(names, axis=1, separator=" ")
+    return tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
 
 
 # ----------------------------------------------------------------------------------------------- readers

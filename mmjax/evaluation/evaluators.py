@@ -51,6 +51,8 @@ from mmjax.evaluation import captioning, report, retrieval, vqa, zero_shot
 SAMPLES = 12  # predictions an evaluator keeps for the report
 # Each modality's model inputs, in the order its `encode_<modality>` method takes them.
 MODALITY_INPUTS = {"image": ("image",), "audio": ("audio", "audio_length"), "text": ("text_ids", "text_mask")}
+# What an ITM mismatch may replace: a modality's inputs, or OSCAR's object tags (a "polluted" tag sequence).
+SWAP_INPUTS = {**MODALITY_INPUTS, "tags": ("tags_text_ids", "tags_text_mask")}
 
 # Each kind's own fields and defaults (beside kind, every_steps, batch_size, data).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -440,15 +442,17 @@ class ITMEvaluator(Evaluator):
         one-attribute mismatches balanced), when the source has attributes."""
         sums = _Sums()
         swap = self.cfg.swap
-        if swap not in MODALITY_INPUTS:
-            raise ValueError(f"evals.{self.name}.swap must be one of {sorted(MODALITY_INPUTS)}; got {swap!r}")
+        if swap not in SWAP_INPUTS:
+            raise ValueError(f"evals.{self.name}.swap must be one of {sorted(SWAP_INPUTS)}; got {swap!r}")
         attributes = list(self.source_meta.attributes) if swap == "text" else []
         for batch in self.batches():
             real = batch["mask"].astype(np.float32)
             ids, mask = batch["text_ids"], batch["text_mask"]
-            differs = np.any(np.roll(ids, 1, axis=0) != ids, axis=1).astype(np.float32)
-            # The random mismatch: the previous example's caption (or clip / image), where the captions differ.
-            rolled = {k: np.roll(batch[k], 1, axis=0) for k in MODALITY_INPUTS[swap]}
+            said = batch["tags_text_ids"] if swap == "tags" else ids  # what must differ for a true mismatch
+            differs = np.any(np.roll(said, 1, axis=0) != said, axis=1).astype(np.float32)
+            # The random mismatch: the previous example's caption (clip, image, tags), where the captions (tags)
+            # differ.
+            rolled = {k: np.roll(batch[k], 1, axis=0) for k in SWAP_INPUTS[swap]}
             variants = {"true": ({}, 1, real), "random": (rolled, 0, real * differs)}
             for name in attributes:
                 variants[f"other_{name}"] = ({"text_ids": batch[f"other_{name}_text_ids"],

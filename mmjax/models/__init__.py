@@ -1,8 +1,8 @@
 """mmjax models: pure linen Modules, one file per family; `build_model` makes one from a config.
 
-Families (clip, vilt, uniter, vilbert, fusion_model, bert, captioner, coca, dual_encoder) never import each other:
-they share the towers (vit.py, text.py, audio.py, text_decoder.py, and the tower registry towers.py), layers.py,
-heads.py and the fusion block library fusion.py.
+Families (clip, vilt, uniter, vilbert, lxmert, visualbert, oscar, fusion_model, bert, captioner, coca,
+dual_encoder) never import each other: they share the towers (vit.py, text.py, audio.py, text_decoder.py, and the
+tower registry towers.py), layers.py, heads.py and the fusion block library fusion.py.
 """
 from __future__ import annotations
 
@@ -20,17 +20,21 @@ from mmjax.models.clip import CLIP
 from mmjax.models.coca import CoCa
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.models.fusion_model import FusionModel
+from mmjax.models.lxmert import LXMERT
+from mmjax.models.oscar import OSCAR
 from mmjax.models.text import TextTransformer
 from mmjax.models.text_decoder import TextDecoder
 from mmjax.models.towers import TOWERS, tower_kind
 from mmjax.models.uniter import UNITER
 from mmjax.models.vilbert import ViLBERT
 from mmjax.models.vilt import ViLT
+from mmjax.models.visualbert import VisualBERT
 from mmjax.models.vit import ViT, ViTModel
 
 MODELS: dict[str, type[nn.Module]] = {"clip": CLIP, "vilt": ViLT, "uniter": UNITER, "vilbert": ViLBERT,
                                      "fusion": FusionModel, "bert": BertModel, "vit": ViTModel,
-                                     "captioner": Captioner, "coca": CoCa, "dual_encoder": DualEncoder}
+                                     "captioner": Captioner, "coca": CoCa, "dual_encoder": DualEncoder,
+                                     "lxmert": LXMERT, "visualbert": VisualBERT, "oscar": OSCAR}
 
 # Nested dict fields -> the Module class their kwargs go to (validated like top-level fields).
 _SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
@@ -114,5 +118,6 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BertModel", "CLIP", "Captioner", "CoCa", "DualEncoder", "FusionModel", "MODELS", "TOWERS", "TextDecoder",
-           "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "build_model"]
+__all__ = ["BertModel", "CLIP", "Captioner", "CoCa", "DualEncoder", "FusionModel", "LXMERT", "MODELS", "OSCAR",
+           "TOWERS", "TextDecoder", "TextTransformer", "UNITER", "ViLBERT", "ViLT", "ViT", "ViTModel", "VisualBERT",
+           "build_model"]

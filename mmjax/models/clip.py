@@ -9,12 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.losses import RANKING_LOSSES
 from mmjax.models import layers
 from mmjax.models.layers import Array, Dtype, partitioned
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
 
 REQUIRED_KEYS = ("image", "text_ids", "text_mask")
+LOSSES = ("softmax", "sigmoid", *RANKING_LOSSES)
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
@@ -24,20 +26,23 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
 
 
 class CLIP(nn.Module):
-    """Dual encoder for contrastive image-text pretraining (softmax = CLIP, sigmoid = SigLIP).
+    """Dual encoder for contrastive image-text pretraining (softmax = CLIP, sigmoid = SigLIP; the ranking losses
+    hinge = DeViSE, triplet = VSE, triplet_hardest = VSE++, with `margin`: losses.RANKING_LOSSES).
 
     `dtype`, `param_dtype`, `remat` and `remat_policy` here override the same keys in the tower dicts, so the
     trainer's one setting applies to both towers.
 
-    Parameters: image_encoder (ViT), text_encoder (TextTransformer), image_projection, text_projection,
-    logit_scale, and logit_bias (sigmoid loss).
+    Parameters: image_encoder (ViT), text_encoder (TextTransformer), image_projection, text_projection (unless
+    project_text=False), logit_scale, and logit_bias (sigmoid loss). The ranking losses leave logit_scale unused,
+    at its init: kept so that switching between softmax and a ranking loss keeps the checkpoint layout.
     """
 
     image: Mapping[str, Any]  # ViT kwargs
     text: Mapping[str, Any]  # TextTransformer kwargs
     embed_dim: int = 512
-    loss: str = "softmax"  # "softmax" | "sigmoid"
-    logit_scale_init: Optional[float] = None  # default log(1/0.07) for softmax, log(10) for sigmoid
+    loss: str = "softmax"  # one of LOSSES
+    margin: float = 0.2  # the ranking losses' hinge margin (in cosine similarity)
+    logit_scale_init: Optional[float] = None  # default log(10) for sigmoid, else log(1/0.07)
     logit_scale_max: float = math.log(100.0)
     logit_bias_init: float = -10.0  # sigmoid only (SigLIP's b)
     dtype: Dtype = jnp.float32
@@ -47,6 +52,9 @@ class CLIP(nn.Module):
     # LiT: a locked text tower gets no gradient (stop_gradient: no backward pass through it). Pair it with
     # `optimizer.freeze` so that weight decay leaves its parameters unchanged too.
     lock_text: bool = False
+    # DeViSE: False maps images into the text tower's own (fixed) space, so the text embeds are the l2-normalised
+    # pooled text features, with no text_projection; embed_dim must then equal the text width.
+    project_text: bool = True
 
     def __post_init__(self) -> None:
         # Freeze the tower dicts so the Module stays hashable (jit static args, flax's module caching).
@@ -55,8 +63,13 @@ class CLIP(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
-        if self.loss not in ("softmax", "sigmoid"):
-            raise ValueError(f"loss must be 'softmax' or 'sigmoid'; got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0; got {self.margin}")
+        text_width = self.text.get("width", TextTransformer.width)
+        if not self.project_text and self.embed_dim != text_width:
+            raise ValueError(f"embed_dim={self.embed_dim} must equal text.width={text_width} with project_text=False")
         shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
                       remat_policy=self.remat_policy)
         self.image_encoder = ViT(**{**dict(self.image), **shared})
@@ -64,11 +77,12 @@ class CLIP(nn.Module):
         proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=partitioned(layers.dense_init, ("embed", "joint")))
         self.image_projection = layers.Dense(**proj)
-        self.text_projection = layers.Dense(**proj)
+        if self.project_text:
+            self.text_projection = layers.Dense(**proj)
 
         scale_init = self.logit_scale_init
         if scale_init is None:
-            scale_init = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
+            scale_init = math.log(10.0) if self.loss == "sigmoid" else math.log(1 / 0.07)
         self.logit_scale_param = self.param(
             "logit_scale", partitioned(nn.initializers.constant(scale_init), ()), (), jnp.float32)
         if self.loss == "sigmoid":
@@ -85,7 +99,7 @@ class CLIP(nn.Module):
         pooled, _ = self.text_encoder(text_ids, text_mask, train=train and not self.lock_text)
         if self.lock_text:
             pooled = jax.lax.stop_gradient(pooled)
-        return l2_normalize(self.text_projection(pooled))
+        return l2_normalize(self.text_projection(pooled) if self.project_text else pooled)
 
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
         """batch -> {image_embeds, text_embeds, logit_scale, logit_bias, logits_per_image, logits_per_text}.

@@ -14,7 +14,24 @@ Calling convention (every block):
     out["mask"]      [B, L] int32   mask of out["sequence"] (1 = real); None when sequence is None
     out["pooled"]    [B, width]     one fused vector per example
     out["streams"]   {name: [B, L_m, width]}  per-modality token outputs of stream-keeping blocks; None otherwise
-    (+ block-specific extras: "gates", "logits", "modality_logits", "modality_pooled", "bottleneck")
+    (+ block-specific extras: "gates", "logits", "fused_logits", "modality_logits", "modality_weights",
+       "decision_weights", "modality_pooled", "bottleneck")
+
+Blocks (FUSION_BLOCKS name: class; what it returns besides pooled):
+
+    concat                     ConcatFusion               sequence + streams (typed concatenation [+ Encoder])
+    sum                        SumFusion                  pooled only; modality_pooled
+    multiplicative_gated       MultiplicativeGatedFusion  pooled only; gates (two modalities)
+    additive_gated             AdditiveGatedFusion        pooled only; gates (two modalities)
+    concat_mlp                 ConcatMLPFusion            pooled only (MLP over the concatenated pooled vectors)
+    cross_attention            CrossModalAttention        sequence = the query stream; streams
+    co_attention               CoAttention                sequence + streams (two modalities)
+    symmetric_cross_attention  SymmetricCrossAttention    sequence + streams (every stream attends to all others)
+    bottleneck                 BottleneckFusion           sequence + streams; bottleneck
+    late                       LateFusion                 pooled only; logits, modality_logits, modality_weights
+    hybrid                     HybridFusion               pooled only; logits, fused_logits, modality_logits,
+                                                          decision_weights
+    shared_weights             SharedWeightsFusion        sequence + streams (one encoder, separate passes)
 
 Modality order is `modalities` when that field is set (every listed stream must be present, no other may be), else
 the sorted stream names. The order fixes the concatenation order of out["sequence"] and which stream is "first".
@@ -47,6 +64,7 @@ Streams = Mapping[str, Array]
 Output = dict[str, Any]
 
 POOLS = ("mean", "first")
+WEIGHTINGS = ("mean", "learned")  # how decision-level blocks (late, hybrid) combine their decisions
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -77,6 +95,21 @@ def _dense(features: int, names: tuple[Optional[str], Optional[str]], dtype: Dty
     return layers.Dense(features, dtype=dtype, param_dtype=param_dtype,
                         kernel_init=partitioned(layers.dense_init, names),
                         bias_init=partitioned(layers.zeros_init, (names[1],)), name=name)
+
+
+def _decision_weights(owner: nn.Module, count: int, weighting: str, param_name: str, param_dtype: Dtype) -> Array:
+    """[count] float32 convex weights: uniform ("mean") or softmax of a zero-initialised parameter `param_name` of
+    `owner` ("learned"; zero init = the mean). Call from inside `owner`'s compact method."""
+    if weighting == "mean":
+        return jnp.full((count,), 1.0 / count, jnp.float32)
+    # Softmax keeps the combination convex (weights positive, summing to 1) whatever the parameter learns.
+    w = owner.param(param_name, partitioned(layers.zeros_init, (None,)), (count,), param_dtype)
+    return jax.nn.softmax(w.astype(jnp.float32))
+
+
+def _weighted_sum(weights: Array, parts: Sequence[Array], dtype: Dtype) -> Array:
+    """sum_k weights[k] * parts[k] over same-shaped [B, D] parts, accumulated in float32, cast to dtype."""
+    return jnp.einsum("m,mbd->bd", weights, jnp.stack(parts).astype(jnp.float32)).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ base classes
@@ -182,6 +215,31 @@ class _TransformerFusion(_Fusion):
         if self.norm == "pre" and self.depth > 0:
             x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name=name)(x)
         return x
+
+
+class _ConcatMLP(_Fusion):
+    """Adds the concatenate-then-MLP early fusion shared by concat_mlp and hybrid (not itself a block)."""
+
+    hidden: int = 1  # hidden layers before the output Dense(width); 0: a single Dense (Linear(768 + 768, 768))
+    hidden_dim: Optional[int] = None  # default width
+    activation: str = "relu"  # a layers.ACTIVATIONS name (MMF's concat MLPs use ReLU)
+    dropout_rate: float = 0.0  # after each hidden activation
+
+    def _concat_mlp(self, names: Sequence[str], xs: Mapping[str, Array], ms: Mapping[str, Array],
+                    train: bool) -> Array:
+        """[pool(x_1); ...; pool(x_M)] (each at its own width D_m, modality order) -> `hidden` x (Dense(hidden_dim)
+        -> activation -> dropout) -> Dense(width) `out` -> [B, width]."""
+        if self.hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (number of hidden layers); got {self.hidden}")
+        act = layers.get_activation(self.activation)
+        # No per-modality projection first: the first Dense sees every modality at its own width, as
+        # Linear(D_img + D_txt, width) does, and a projection before it would only add a second linear map.
+        h = jnp.concatenate([pool_tokens(xs[n], ms[n], self.pool) for n in names], axis=-1)
+        for i in range(self.hidden):
+            h = _dense(self.hidden_dim or self.width, (None, "mlp"), self.dtype, self.param_dtype, f"hidden_{i}")(h)
+            h = nn.Dropout(self.dropout_rate)(act(h), deterministic=not train)
+        in_name = "mlp" if self.hidden > 0 else None
+        return _dense(self.width, (in_name, "embed"), self.dtype, self.param_dtype, "out")(h)
 
 
 def _out(sequence: Optional[Array], mask: Optional[Array], pooled: Array, streams: Optional[dict[str, Array]],
@@ -299,6 +357,18 @@ class AdditiveGatedFusion(_GatedFusion):
         return _out(None, None, pooled, None, gates={names[0]: l1, names[1]: l2})
 
 
+class ConcatMLPFusion(_ConcatMLP):
+    """MMF's concat_mlp (the sources' Linear(768 + 768, 768) VQA model): pool each modality (masked mean or first
+    token), concatenate the pooled vectors in modality order at their own widths, then an MLP: `hidden` layers of
+    Dense(hidden_dim) -> activation -> dropout, and a final Dense(width) (no activation) -> pooled [B, width]."""
+
+    @nn.compact
+    def __call__(self, streams: Streams, masks: Mapping[str, Array], *, train: bool = False) -> Output:
+        """See the module docstring; pooled-only (sequence/streams None)."""
+        names, xs, ms = self._prepare(streams, masks)
+        return _out(None, None, self._concat_mlp(names, xs, ms, train), None)
+
+
 class CrossModalAttention(_TransformerFusion):
     """`depth` cross-attention layers: tokens of stream `query` attend to the other streams' tokens (concatenated
     in modality order, with their masks); residual + LN + MLP. Output sequence = the updated query stream."""
@@ -360,6 +430,79 @@ class CoAttention(_TransformerFusion):
         xs = {n: layers.constrain(self._final_ln(xs[n], f"ln_final_{n}")) for n in names}
         pooled = [pool_tokens(xs[n], ms[n], self.pool) for n in names]
         pooled = pooled[0] * pooled[1] if self.combine == "product" else 0.5 * (pooled[0] + pooled[1])
+        sequence, mask = _concat(names, xs, ms)
+        return _out(sequence, mask, pooled, xs)
+
+
+class _SymmetricLayer(nn.Module):
+    """One layer of SymmetricCrossAttention over the named streams (see that class for the maths)."""
+
+    names: tuple[str, ...]
+    num_heads: int
+    mlp_dim: int
+    norm: str = "pre"
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, xs: Mapping[str, Array], biases: Mapping[str, Array], deterministic: bool = True
+                 ) -> dict[str, Array]:
+        """xs {name: [B, L_n, E]}, biases {name: key-padding bias [B, 1, 1, L_n]} -> updated {name: [B, L_n, E]}."""
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post'; got {self.norm!r}")
+        ln = functools.partial(layers.layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
+        drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+        pre = self.norm == "pre"
+        # Pre-LN normalises each stream once: the normalised tokens are its own queries and the other streams'
+        # keys/values, as a pre-LN self-attention Block reads q, k and v from one LN(x).
+        h = {n: ln(name=f"ln_1_{n}")(xs[n]) for n in self.names} if pre else dict(xs)
+        out = {}
+        for m in self.names:
+            attn = functools.reduce(jnp.add, [
+                layers.MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
+                                          dtype=self.dtype, param_dtype=self.param_dtype, name=f"attn_{m}_from_{n}")(
+                    h[m], kv=h[n], bias=biases[n], deterministic=deterministic)
+                for n in self.names if n != m])
+            mlp = layers.MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=f"mlp_{m}")
+            if pre:
+                x = xs[m] + drop(attn)
+                x = x + drop(mlp(ln(name=f"ln_2_{m}")(x), deterministic=deterministic))
+            else:
+                x = ln(name=f"ln_1_{m}")(xs[m] + drop(attn))
+                x = ln(name=f"ln_2_{m}")(x + drop(mlp(x, deterministic=deterministic)))
+            out[m] = layers.constrain(x)
+        return out
+
+
+class SymmetricCrossAttention(_TransformerFusion):
+    """Symmetric multi-modality cross-attention (2+ streams), `depth` layers. Per layer every stream m reads the
+    layer's inputs (all updates simultaneous) through its own attention per other stream n (queries m, keys/values
+    n, n's padding masked), sums them, then its own FFN; residual/LN placement follows CrossAttentionLayer:
+
+        pre:   a_m = LN1_m(x_m);  x_m += sum_{n != m} MHA_{m<-n}(a_m, kv=a_n);  x_m += MLP_m(LN2_m(x_m))
+        post:  z_m = LN1_m(x_m + sum_{n != m} MHA_{m<-n}(x_m, kv=x_n));  x_m = LN2_m(z_m + MLP_m(z_m))
+
+    Pre-LN stacks end with a per-stream LN (`ln_final_<name>`). pooled = mean over modalities of each stream's pooled
+    tokens. Parameters per layer: attn_<m>_from_<n> (M(M-1) of them), mlp_<m>, ln_1_<m>, ln_2_<m>."""
+
+    @nn.compact
+    def __call__(self, streams: Streams, masks: Mapping[str, Array], *, train: bool = False) -> Output:
+        """See the module docstring; sequence = every updated stream concatenated, streams = each one."""
+        names, xs, ms = self._prepare(streams, masks)
+        if len(names) < 2:
+            raise ValueError(f"SymmetricCrossAttention needs at least two streams; got {list(names)}")
+        xs = {n: self._to_width(xs[n], n) for n in names}
+        bias = {n: layers.padding_bias(ms[n]) for n in names}
+        layer_cls = self._remat(_SymmetricLayer, 3)
+        for i in range(self.depth):
+            xs = layer_cls(names=names, **self._layer_kwargs(), name=f"layer_{i}")(xs, bias, not train)
+        xs = {n: layers.constrain(self._final_ln(xs[n], f"ln_final_{n}")) for n in names}
+        pooled = jnp.mean(jnp.stack([pool_tokens(xs[n], ms[n], self.pool) for n in names], axis=0), axis=0)
         sequence, mask = _concat(names, xs, ms)
         return _out(sequence, mask, pooled, xs)
 
@@ -429,28 +572,47 @@ class LateFusion(_Fusion):
     def __call__(self, streams: Streams, masks: Mapping[str, Array], *, train: bool = False) -> Output:
         """See the module docstring; pooled-only."""
         del train
-        if self.weighting not in ("mean", "learned"):
-            raise ValueError(f"weighting must be 'mean' or 'learned'; got {self.weighting!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
         names, xs, ms = self._prepare(streams, masks)
         vecs = self._pooled_vectors(names, xs, ms)
         # Class dim unnamed: class counts (13 VQA answers, 2 ITM classes) rarely divide a mesh axis.
         logits = {n: _dense(self.num_classes, ("embed", None), self.dtype, self.param_dtype, f"head_{n}")(vecs[n])
                   for n in names}
-        if self.weighting == "mean":
-            weights = jnp.full((len(names),), 1.0 / len(names), jnp.float32)
-        else:
-            # Softmax keeps the combination convex (weights positive, summing to 1) whatever w learns.
-            w = self.param("modality_weights", partitioned(layers.zeros_init, (None,)), (len(names),),
-                           self.param_dtype)
-            weights = jax.nn.softmax(w.astype(jnp.float32))
-
-        def combine(parts: Sequence[Array]) -> Array:
-            """Weighted mean over modalities of same-shaped [B, ...] parts (float32 accumulation)."""
-            return jnp.einsum("m,mbd->bd", weights, jnp.stack(parts).astype(jnp.float32)).astype(self.dtype)
-
-        fused = combine([logits[n] for n in names])
-        pooled = combine([vecs[n] for n in names])
+        weights = _decision_weights(self, len(names), self.weighting, "modality_weights", self.param_dtype)
+        fused = _weighted_sum(weights, [logits[n] for n in names], self.dtype)
+        pooled = _weighted_sum(weights, [vecs[n] for n in names], self.dtype)
         return _out(None, None, pooled, None, logits=fused, modality_logits=logits, modality_weights=weights)
+
+
+class HybridFusion(_ConcatMLP):
+    """Hybrid (early + late) fusion. Early: f = concat_mlp's MLP over the concatenated pooled vectors (fields hidden,
+    hidden_dim, activation, dropout_rate), decided by `fused_head` Dense(num_classes). Late: a head Dense(num_classes)
+    per modality on its pooled, width-projected vector v_m (as LateFusion). logits = sum_k w_k * decision_k over the
+    M + 1 decisions [fused, modalities in order], w = uniform ("mean") or softmax of a zero-initialised parameter
+    ("learned"); pooled = the same combination of [f, v_1, ..., v_M]. Extras: out["logits"] [B, C],
+    out["fused_logits"] [B, C], out["modality_logits"] {name: [B, C]}, out["decision_weights"] [M + 1]."""
+
+    num_classes: int = 2
+    weighting: str = "learned"  # "mean" | "learned"
+
+    @nn.compact
+    def __call__(self, streams: Streams, masks: Mapping[str, Array], *, train: bool = False) -> Output:
+        """See the module docstring; pooled-only."""
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        names, xs, ms = self._prepare(streams, masks)
+        fused = layers.constrain(self._concat_mlp(names, xs, ms, train), ("batch", "embed"))
+        vecs = self._pooled_vectors(names, xs, ms)
+        # Class dim unnamed, as in LateFusion.
+        head = functools.partial(_dense, self.num_classes, ("embed", None), self.dtype, self.param_dtype)
+        fused_logits = head("fused_head")(fused)
+        logits = {n: head(f"head_{n}")(vecs[n]) for n in names}
+        weights = _decision_weights(self, 1 + len(names), self.weighting, "decision_weights", self.param_dtype)
+        combined = _weighted_sum(weights, [fused_logits, *(logits[n] for n in names)], self.dtype)
+        pooled = _weighted_sum(weights, [fused, *(vecs[n] for n in names)], self.dtype)
+        return _out(None, None, pooled, None, logits=combined, fused_logits=fused_logits, modality_logits=logits,
+                    decision_weights=weights)
 
 
 class SharedWeightsFusion(_TransformerFusion):
@@ -498,6 +660,9 @@ FUSION_BLOCKS: dict[str, type[nn.Module]] = {
     "bottleneck": BottleneckFusion,
     "late": LateFusion,
     "shared_weights": SharedWeightsFusion,
+    "concat_mlp": ConcatMLPFusion,
+    "hybrid": HybridFusion,
+    "symmetric_cross_attention": SymmetricCrossAttention,
 }
 
 
@@ -519,7 +684,7 @@ def build_fusion(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "AdditiveGatedFusion", "BottleneckFusion", "CoAttention", "ConcatFusion", "CrossModalAttention", "FUSION_BLOCKS",
-    "LateFusion", "MultiplicativeGatedFusion", "SharedWeightsFusion", "SumFusion", "build_fusion", "pool_tokens",
-    "squashed_sigmoid",
+    "AdditiveGatedFusion", "BottleneckFusion", "CoAttention", "ConcatFusion", "ConcatMLPFusion", "CrossModalAttention",
+    "FUSION_BLOCKS", "HybridFusion", "LateFusion", "MultiplicativeGatedFusion", "SharedWeightsFusion", "SumFusion",
+    "SymmetricCrossAttention", "build_fusion", "pool_tokens", "squashed_sigmoid",
 ]

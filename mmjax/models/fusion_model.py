@@ -12,12 +12,16 @@ Data flow (B batch, N image tokens, L text positions, V vocabulary), for the ima
     text_ids, text_mask [B, L] --TextTransformer--> text tokens [B, L, D_txt]
     out = fusion_block({"image": image tokens, "text": text tokens}, {"image": ones, "text": text_mask})
     pooled      [B, width]   = out["pooled"]
-    itm_logits  [B, 2]       = Dense(2)(pooled)            ("late" block: its fused decision out["logits"])
+    itm_logits  [B, 2]       = Dense(2)(pooled)            ("late", "hybrid" blocks: their combined decision
+                                                           out["logits"], so num_classes must be 2)
     text_tokens / image_tokens: see the table below
     mlm_logits  [B, L, V]    = HeadTransform(text_tokens) @ word_embedding.T + mlm_bias
                                (decoder tied to the text tower's embeddings/word_embedding table; when text_tokens
                                are not D_txt wide a Dense `mlm_proj` first maps them to D_txt; HeadTransform uses
                                the text tower's activation and ln_epsilon)
+    mpp_pred    [B, N, p*p*C] = token_prediction(image patch tokens)   (mpp_head: masked patch prediction; the
+                               ViT tower gets a learned [MASK] patch that the batch's `patch_mask` puts in place
+                               of patches; patch_index [B, N] = raster order)
 
 Every tower gives `{modality}_tokens`; towers whose mask is not a batch key (the ViT's) also give
 `{modality}_mask`. The MLM head needs the tower named "text" (its kind must have a word table). `width` (the fusion
@@ -32,12 +36,15 @@ Where text_tokens / image_tokens come from, and whether the text tokens (hence M
     cross_attention       out["streams"] (width)                 yes if query == "text" and depth > 0; the
                                                                  non-query stream is only projected to width
     co_attention          out["streams"] (width)                 yes if depth > 0
+    symmetric_cross_attention
+                          out["streams"] (width)                 yes if depth > 0 (every stream attends to all
+                                                                 the others in every layer)
     bottleneck            out["streams"] (width)                 only if fusion_layer <= depth - 2: a stream
                                                                  reads the bottleneck the *previous* layer
                                                                  averaged, so depth 1 never mixes into tokens
     shared_weights        out["streams"] (width)                 no: one shared encoder runs each modality
                                                                  separately
-    sum, multiplicative_gated, additive_gated, late
+    sum, multiplicative_gated, additive_gated, concat_mlp, late, hybrid
                           the encoders' own (D_img, D_txt)       no (pooling-only blocks)
 
 A block that returns no streams but a `sequence` concatenating every modality is split back by modality order.
@@ -45,7 +52,8 @@ Where fused_text is False the MLM objective is TEXT-ONLY masked language modelli
 from the caption alone, and only ITM (through `pooled`) trains the cross-modal part.
 
 Parameters: {modality}_encoder (image_encoder, text_encoder: the towers), fusion (the block), itm_head,
-mlm_proj (if needed), mlm_transform, mlm_bias. Every parameter carries logical axis names (see `layers`).
+mlm_proj (if needed), mlm_transform, mlm_bias, mpp_transform + mpp_decoder (mpp_head). Every parameter carries
+logical axis names (see `layers`).
 `dtype` and `param_dtype` override the same keys in every tower and in `fusion_args`; `remat=True` turns
 rematerialisation on in every tower and the block (a sub-config may also turn it on by itself), with
 `remat_policy` unless the sub-config names its own. The block's extra outputs (gates, per-modality logits,
@@ -66,6 +74,7 @@ from mmjax.models.towers import TowerKind, field_value, tower_kind
 
 # The modality whose tower feeds the MLM head (and whose width is the fusion block's default width).
 TEXT = "text"
+IMAGE = "image"  # the modality masked patch prediction reads (a ViT tower)
 
 
 def _freeze(value: Any) -> Any:
@@ -77,15 +86,20 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+# Blocks whose combined decision out["logits"] is the ITM classifier (decision-level fusion: no itm_head).
+_DECISION_BLOCKS = (fusion_lib.LateFusion, fusion_lib.HybridFusion)
+
+
 def _mixes(block: nn.Module, stream: str) -> bool:
     """Whether `block`'s output tokens for the modality `stream` depend on another modality."""
-    if isinstance(block, (fusion_lib.ConcatFusion, fusion_lib.CoAttention)):
+    if isinstance(block, (fusion_lib.ConcatFusion, fusion_lib.CoAttention, fusion_lib.SymmetricCrossAttention)):
         return block.depth > 0
     if isinstance(block, fusion_lib.CrossModalAttention):
         return block.query == stream and block.depth > 0
     if isinstance(block, fusion_lib.BottleneckFusion):
         return block.fusion_layer <= block.depth - 2
-    # SharedWeightsFusion (separate passes through one encoder), pooling-only blocks, unknown blocks: no.
+    # SharedWeightsFusion (separate passes through one encoder), pooling-only blocks (concat_mlp, late, hybrid,
+    # ...: their text tokens are the text tower's own), unknown blocks: no.
     return False
 
 
@@ -98,6 +112,9 @@ class FusionModel(nn.Module):
     mlm_head: bool = True
     itm_head: bool = True
     vqa_labels: Optional[int] = None  # an answer classifier (VQA) on the pooled output with this many answers
+    # Masked patch prediction (ViLT's MPP): the image tower (a ViT) gets a [MASK] patch, and a head regresses the
+    # masked patches' pixels from the image tokens the model returns.
+    mpp_head: bool = False
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
     dtype: Dtype = jnp.float32
@@ -126,7 +143,15 @@ class FusionModel(nn.Module):
         """(registry entry, Module kwargs without `kind`) of one tower, as configured (no dtype/remat overrides)."""
         fields = dict(self.towers[modality])
         kind = tower_kind(fields.pop("kind", None), f"FusionModel.towers[{modality!r}]")
+        if self.mpp_head and modality == IMAGE:
+            fields["mask_token"] = True  # the MPP head's [MASK] patch lives in the ViT
         return kind, fields
+
+    @property
+    def patch_size(self) -> int:
+        """The image tower's patch size (masked patch prediction's targets are its patches)."""
+        kind, fields = self.tower(IMAGE)
+        return int(field_value(kind.module, fields, "patch_size"))
 
     @property
     def text_width(self) -> int:
@@ -146,18 +171,26 @@ class FusionModel(nn.Module):
         return field_value(kind.module, fields, "width")
 
     def fusion_kwargs(self) -> dict[str, Any]:
-        """The fusion block's kwargs: fusion_args + defaults (width = text width; late: num_classes = 2)."""
+        """The fusion block's kwargs: fusion_args + defaults (width = text width; late/hybrid: num_classes = 2)."""
         cls = fusion_lib.FUSION_BLOCKS.get(self.fusion)
         kwargs = dict(self.fusion_args)
-        valid = set(cls.__dataclass_fields__) - {"parent", "name"} if cls is not None else set()
-        if cls is None or set(kwargs) - valid:
-            fusion_lib.build_fusion(self.fusion, **kwargs)  # raises, listing the known names / fields
+        if cls is None:
+            fusion_lib.build_fusion(self.fusion, **kwargs)  # raises, listing the known names
+        valid = set(cls.__dataclass_fields__) - {"parent", "name"}
+        if set(kwargs) - valid:
+            try:
+                fusion_lib.build_fusion(self.fusion, **kwargs)
+            except ValueError as e:
+                # Typically fusion= changed alone, leaving the previous block's fields in fusion_args.
+                raise ValueError(f"{e} (fusion_args must hold the fields of fusion block {self.fusion!r}; "
+                                 f"configs/fusion.py:block={self.fusion} sets the block and its fields together)"
+                                 ) from None
         kwargs.setdefault("width", self._default_width())
-        if issubclass(cls, fusion_lib.LateFusion):
+        if issubclass(cls, _DECISION_BLOCKS):
             kwargs.setdefault("num_classes", 2)
             if self.itm_head and kwargs["num_classes"] != 2:
-                raise ValueError(f"itm_head uses the late block's fused logits as itm_logits, so it needs "
-                                 f"num_classes=2; got fusion_args.num_classes={kwargs['num_classes']}")
+                raise ValueError(f"itm_head uses the {self.fusion} block's combined logits as itm_logits, so it "
+                                 f"needs num_classes=2; got fusion_args.num_classes={kwargs['num_classes']}")
         return self._shared(cls, kwargs)
 
     def _block(self, **module_kwargs: Any) -> nn.Module:
@@ -206,6 +239,8 @@ class FusionModel(nn.Module):
         for key in self.required_keys:
             if key not in batch:
                 raise KeyError(f"FusionModel needs batch key {key!r}; got keys {sorted(batch)}")
+        if self.mpp_head and (IMAGE not in self.towers or self.tower(IMAGE)[0].module.__name__ != "ViT"):
+            raise ValueError(f"mpp_head needs an {IMAGE!r} tower of kind 'vit'; towers: {sorted(self.towers)}")
         if self.mlm_head and (TEXT not in self.towers or self.tower(TEXT)[0].word_table is None):
             raise ValueError(f"mlm_head needs a {TEXT!r} tower whose kind has a word table (kind 'text'); "
                              f"towers: {sorted(self.towers)}")
@@ -251,12 +286,22 @@ class FusionModel(nn.Module):
                                              name="vqa_head")
             result["vqa_logits"] = answers(pooled).astype(jnp.float32)
         if self.itm_head:
-            if isinstance(block, fusion_lib.LateFusion):
+            if isinstance(block, _DECISION_BLOCKS):
                 result["itm_logits"] = out["logits"].astype(jnp.float32)  # decision-level fusion: the block's own
             else:
                 result["itm_logits"] = heads.itm_logits(pooled, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.mlm_head:
             result["mlm_logits"] = self._mlm(fused[TEXT], encoders[TEXT])
+        if self.mpp_head:
+            patches = fused[IMAGE][:, 1:] if self.image_cls_first else fused[IMAGE]
+            p, channels = self.patch_size, batch["image"].shape[-1]
+            kind, fields = self.tower(IMAGE)
+            result["mpp_pred"] = heads.token_prediction(
+                patches, p * p * channels, prefix="mpp", activation=field_value(kind.module, fields, "activation"),
+                ln_epsilon=field_value(kind.module, fields, "ln_epsilon"), dtype=self.dtype,
+                param_dtype=self.param_dtype)
+            # Every patch is kept (no patch dropping as ViLT's max_image_len): targets are in raster order.
+            result["patch_index"] = jnp.broadcast_to(jnp.arange(patches.shape[1]), patches.shape[:2])
         return result
 
     def _mlm(self, text_tokens: Array, text_encoder: nn.Module) -> Array:

@@ -59,8 +59,8 @@ def field_value(cls: type[nn.Module], fields: Mapping[str, Any], name: str) -> A
 
 
 def _encode_vit(tower: nn.Module, batch: Mapping[str, Array], train: bool) -> tuple[Array, Array]:
-    """Every ViT token (cls first, if any) is real."""
-    _, tokens = tower(batch["image"], train=train)
+    """Every ViT token (cls first, if any) is real; a `patch_mask` in the batch masks patches (MPP)."""
+    _, tokens = tower(batch["image"], train=train, patch_mask=batch.get("patch_mask"))
     return tokens, jnp.ones(tokens.shape[:2], jnp.int32)
 
 
@@ -95,7 +95,8 @@ def _vit_cls_first(fields: Mapping[str, Any]) -> bool:
 
 TOWERS: dict[str, TowerKind] = {
     "vit": TowerKind(module=ViT, inputs=("image",), encode=_encode_vit,
-                     pool=lambda tower, batch, train: tower(batch["image"], train=train)[0], cls_first=_vit_cls_first),
+                     pool=lambda tower, batch, train: tower(batch["image"], train=train)[0], cls_first=_vit_cls_first,
+                     optional_inputs=("patch_mask",)),
     "text": TowerKind(module=TextTransformer, inputs=("text_ids", "text_mask"), encode=_encode_text,
                       pool=lambda tower, batch, train: tower(batch["text_ids"], batch["text_mask"],
                                                              train=train)[0],

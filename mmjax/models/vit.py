@@ -44,7 +44,8 @@ class ViT(nn.Module):
     cls token first when `cls_token`), so fusion models can consume them directly.
 
     Parameters: patch_kernel [p, p, C, D], patch_bias [D] (patch_bias=True), cls [D] (with a cls token),
-    pos_embedding [N, D], ln_pre (ln_pre=True), encoder/layer_{i}, ln_post, map_head (pool="map").
+    mask_patch [D] (mask_token=True), pos_embedding [N, D], ln_pre (ln_pre=True), encoder/layer_{i}, ln_post,
+    map_head (pool="map").
     """
 
     patch_size: int = 16
@@ -57,6 +58,7 @@ class ViT(nn.Module):
     cls_token: Optional[bool] = None  # default: True iff pool == "cls"
     patch_bias: bool = True  # OpenAI CLIP's patch conv has no bias
     ln_pre: bool = False  # CLIP applies a LayerNorm before the transformer
+    mask_token: bool = False  # a learned [MASK] patch that `patch_mask` puts in place of patches (MPP)
     norm: str = "pre"
     activation: str = "gelu"
     dropout_rate: float = 0.0
@@ -68,8 +70,10 @@ class ViT(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image: Array, *, train: bool = False) -> tuple[Array, Array]:
-        """image: float [B, H, W, C] -> (pooled [B, width], tokens [B, N, width])."""
+    def __call__(self, image: Array, *, train: bool = False, patch_mask: Optional[Array] = None
+                 ) -> tuple[Array, Array]:
+        """image: float [B, H, W, C] -> (pooled [B, width], tokens [B, N, width]); patch_mask [B, patches] (1 =
+        that patch's embedding is replaced by the learned [MASK] patch; needs mask_token=True)."""
         if self.pool not in ("cls", "gap", "map"):
             raise ValueError(f"pool must be one of 'cls', 'gap', 'map'; got {self.pool!r}")
         use_cls = self.pool == "cls" if self.cls_token is None else self.cls_token
@@ -89,6 +93,15 @@ class ViT(nn.Module):
         # Parameters patch_kernel (HWIO, as the checkpoints' patch convs) and patch_bias.
         x = layers.patch_embedding(self, image, p, self.width, use_bias=self.patch_bias, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
+        if self.mask_token:  # created whenever asked for, so `init` without a patch_mask makes it too
+            mask_patch = self.param("mask_patch", partitioned(layers.embed_init, ("embed",)), (self.width,),
+                                    self.param_dtype)
+        if patch_mask is not None:
+            if not self.mask_token:
+                raise ValueError("patch_mask needs mask_token=True (the ViT owns the [MASK] patch)")
+            if patch_mask.shape != x.shape[:2]:
+                raise ValueError(f"patch_mask must be [B, patches] = {x.shape[:2]}; got {patch_mask.shape}")
+            x = jnp.where(patch_mask[..., None] > 0, mask_patch.astype(self.dtype), x)
 
         if use_cls:
             cls = self.param("cls", partitioned(layers.embed_init, ("embed",)), (self.width,), self.param_dtype)

@@ -10,11 +10,16 @@ step over stacked rows:
   ITM rows     2B   the B true pairs and B mismatches; each mismatch is, by `task.itm.negatives` weights, an
                     in-batch caption of another image (never an identical caption), or the example's own caption
                     with one attribute word swapped (`other_NAME`: the hard negatives a source offers, see
-                    mmjax/data/sources.py; only grounding rejects them). WPA (IPOT word-region / word-patch
+                    mmjax/data/sources.py; only grounding rejects them), or a `mined` hard negative: a few random
+                    in-batch candidates (`task.itm.mine.candidates`) scored by the model's own ITM head without
+                    gradient, one drawn by softmax(score / temperature) (UNITER's hard-negative mining, sampled as
+                    ALBEF samples; costs candidates x B forward rows). WPA (IPOT word-region / word-patch
                     alignment) runs on these rows. With `task.itm.swap = "audio"` (or "image") a mismatch keeps
                     the text and the other inputs and takes another example's clip (image) instead: audio-visual
-                    matching (configs/audio_visual.py); never one whose caption is identical.
-  MLM rows     B    15% of caption tokens masked (80/10/10; `task.mlm.whole_word` masks whole words).
+                    matching (configs/audio_visual.py); never one whose caption is identical. `swap = "tags"` is
+                    OSCAR's contrastive loss: another example's object tags ("polluted"), never identical ones.
+  MLM rows     B    15% of caption tokens masked (80/10/10; `task.mlm.whole_word` masks whole words); with object
+                    tags in the batch (OSCAR) 15% of the tag words too, one loss over both (`task.mlm.tags`).
   visual rows  B    15% of the regions have their features zeroed (MRFR regresses them, MRC matches the regions'
                     soft class distributions by KL), or 15% of the patches are replaced by the [MASK] patch (MPP
                     regresses their normalised pixels).
@@ -46,11 +51,16 @@ MASKING = ("conditional", "joint")
 # (only shapes matter there).
 DRY_RUN_TOKENIZER = types.SimpleNamespace(pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103,
                                           vocab_size=30522, continuation_table=lambda: np.zeros(30522, bool))
-# Model outputs each objective needs.
 # The inputs a mismatch replaces, by task.itm.swap.
-SWAP_KEYS = {"text": ("text_ids", "text_mask"), "audio": ("audio", "audio_length"), "image": ("image",)}
-NEEDS = {"mlm": ("mlm_logits",), "itm": ("itm_logits",), "wpa": ("text_tokens", "image_tokens", "image_mask"),
-         "mrfr": ("mrfr_pred",), "mrc": ("mrc_logits",), "mpp": ("mpp_pred", "patch_index")}
+SWAP_KEYS = {"text": ("text_ids", "text_mask"), "audio": ("audio", "audio_length"), "image": ("image",),
+             "tags": ("tags_text_ids", "tags_text_mask")}
+# The ids that tell whether two examples' swapped inputs say the same thing (never a mismatch): the captions, or the
+# tag sequences when tags are swapped (OSCAR's polluted tags).
+SAME_KEY = {"tags": "tags_text_ids"}
+# Model outputs each objective needs (mlm_tags: the MLM objective when the batch carries object tags).
+NEEDS = {"mlm": ("mlm_logits",), "mlm_tags": ("tags_mlm_logits",), "itm": ("itm_logits",),
+         "wpa": ("text_tokens", "image_tokens", "image_mask"), "mrfr": ("mrfr_pred",), "mrc": ("mrc_logits",),
+         "mpp": ("mpp_pred", "patch_index")}
 
 
 def default_task_config(**objective_weights: float) -> ml_collections.ConfigDict:
@@ -60,11 +70,14 @@ def default_task_config(**objective_weights: float) -> ml_collections.ConfigDict
         raise ValueError(f"unknown objectives {unknown}; known: {OBJECTIVES}")
     return ml_collections.ConfigDict(dict(
         name="matching",
-        objectives=dict(objective_weights),
-        # Mismatch kinds by weight: in_batch, and other_NAME for each attribute the data offers hard negatives
-        # for. Half of the embedded data's mismatches change the shape: the attribute that needs grounding.
-        itm=dict(negatives=dict(in_batch=1.0), swap="text"),  # swap: the modality a mismatch replaces
-        mlm=dict(mask_prob=0.15, whole_word=False),
+        # Every objective has a weight (0 = off), so any of them can be switched on from the command line.
+        objectives={k: float(objective_weights.get(k, 0.0)) for k in OBJECTIVES},
+        # Mismatch kinds by weight: in_batch, mined (in-batch candidates scored by the model's own ITM head, see
+        # `mine`), and other_NAME for each attribute the data offers hard negatives for. swap: the modality a
+        # mismatch replaces ("tags": OSCAR's polluted tag sequences).
+        itm=dict(negatives=dict(in_batch=1.0, mined=0.0), swap="text",
+                 mine=dict(candidates=4, temperature=1.0)),
+        mlm=dict(mask_prob=0.15, whole_word=False, tags=True),  # tags: also mask the tag words (OSCAR)
         mrm=dict(mask_prob=0.15),  # masked region modelling (MRFR / MRC)
         mpp=dict(mask_prob=0.15),  # masked patch prediction
         masking="conditional",     # UNITER; "joint" = ViLBERT's masked multimodal modelling
@@ -94,25 +107,35 @@ class MatchingTask:
             raise ValueError("task.objectives mrfr / mrc need region inputs: set data.regions.enabled=True")
         if self.weights["mpp"] and self.regions:
             raise ValueError("task.objectives.mpp predicts image patches; this model reads regions")
-        # Mismatch kinds: in_batch, then the attributes the data offers hard-negative captions for.
-        self.negative_kinds = ("in_batch",) + tuple(f"other_{name}" for name in meta.attributes)
-        weights = dict(task.itm.negatives)
-        missing = [k for k in weights if k not in self.negative_kinds and float(weights[k]) > 0]
-        if missing:
-            raise ValueError(f"task.itm.negatives {missing} need hard-negative captions the data does not offer "
-                             f"(it offers {list(self.negative_kinds)}; a source's `negatives` field adds them)")
         self.swap = task.itm.get("swap", "text")
         if self.swap not in SWAP_KEYS or any(k not in self.model_keys for k in SWAP_KEYS[self.swap]):
             raise ValueError(f"task.itm.swap={self.swap!r}: must be one of {sorted(SWAP_KEYS)} whose inputs the "
                              f"model reads ({list(self.model_keys)})")
-        if self.swap != "text":  # hard negatives are captions with a word swapped: only in-batch clips / images
-            self.negative_kinds = ("in_batch",)
-            if self.weights["wpa"]:
-                raise ValueError("task.objectives.wpa aligns words with patches: it needs task.itm.swap='text'")
-        probs = np.array([float(weights.get(k, 0.0)) for k in self.negative_kinds])
+        if self.swap != "text" and self.weights["wpa"]:
+            raise ValueError("task.objectives.wpa aligns words with patches: it needs task.itm.swap='text'")
+        # Mismatch kinds: in_batch, mined, then the attributes the data offers hard-negative captions for (those
+        # are captions with a word swapped: only when captions are what a mismatch replaces).
+        attributes = tuple(f"other_{name}" for name in meta.attributes) if self.swap == "text" else ()
+        self.negative_kinds = ("in_batch", "mined") + attributes
+        weights = {k: float(v) for k, v in dict(task.itm.negatives).items()}
+        missing = [k for k, v in weights.items() if k not in self.negative_kinds and v > 0]
+        if missing:
+            raise ValueError(f"task.itm.negatives {missing} need hard-negative captions the data does not offer "
+                             f"(it offers {list(self.negative_kinds)}; a source's `negatives` field adds them)")
+        if any(v < 0 for v in weights.values()):
+            raise ValueError(f"task.itm.negatives weights must be >= 0; got {weights}")
+        probs = np.array([weights.get(k, 0.0) for k in self.negative_kinds])
         if probs.sum() <= 0:
             raise ValueError(f"task.itm.negatives must give some weight to one of {list(self.negative_kinds)}")
         self.negative_logits = np.log(np.maximum(probs / probs.sum(), 1e-12)).astype(np.float32)
+        self.mined = probs[1] > 0
+        mine = task.itm.get("mine") or {}
+        self.mine_candidates = int(mine.get("candidates", 4))
+        self.mine_temperature = float(mine.get("temperature", 1.0))
+        if self.mined and (self.mine_candidates < 1 or self.mine_temperature <= 0):
+            raise ValueError(f"task.itm.mine needs candidates >= 1 and temperature > 0; got {dict(mine)}")
+        # OSCAR: the tag words are masked and predicted like the caption's (masked token loss over words + tags).
+        self.mask_tags = "tags_text_ids" in self.model_keys and bool(task.mlm.get("tags", True))
         self.mask_prob = float(task.mlm.mask_prob)
         self.continuation = self.tokenizer.continuation_table() if task.mlm.whole_word else None
         self.region_mask_prob = float(task.mrm.mask_prob)
@@ -128,24 +151,56 @@ class MatchingTask:
         return objectives.mask_text(rng, ids, mask, self.tokenizer, mask_prob=self.mask_prob,
                                     continuation=self.continuation)
 
-    def _mismatches(self, rng: jax.Array, batch: dict) -> tuple[dict, jax.Array]:
+    def _mined(self, rng: jax.Array, params: Any, batch: dict, same: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Hard in-batch negatives (UNITER's hard negative mining, sampled as ALBEF samples): each example's
+        `mine.candidates` random in-batch candidates are scored by the model's own ITM head (no gradient, no
+        dropout), and one is drawn with probability softmax(match logit / temperature). Returns (index, valid)."""
+        k_cand, k_pick = jax.random.split(rng)
+        b = same.shape[0]
+        k = min(self.mine_candidates, max(b - 1, 1))
+        allowed = ~jnp.eye(b, dtype=bool) & ~same
+        # Gumbel top-k: k distinct candidates drawn uniformly among the allowed ones.
+        g = jnp.where(allowed, jax.random.gumbel(k_cand, (b, b)), -jnp.inf)
+        _, cand = jax.lax.top_k(g, k)  # [B, k]
+        rows = objectives.model_inputs(batch, self.model_keys, (batch["text_ids"], batch["text_mask"]))
+        stacked = {key: jnp.concatenate([batch[key][cand[:, c]] if key in SWAP_KEYS[self.swap] else value
+                                         for c in range(k)]) for key, value in rows.items()}
+        logits = self.model.apply({"params": jax.lax.stop_gradient(params)}, stacked, train=False)["itm_logits"]
+        match = (logits[:, 1] - logits[:, 0]).reshape(k, b).T  # [B, k]: how well each candidate matches
+        sim = jnp.full((b, b), -jnp.inf, jnp.float32).at[jnp.arange(b)[:, None], cand].set(
+            match / self.mine_temperature)
+        return objectives.itm_negatives(k_pick, sim, same_image=same, hard=True)
+
+    def _mismatches(self, rng: jax.Array, batch: dict, params: Any) -> tuple[dict, jax.Array]:
         """({swapped input: value}, valid) of one mismatch per example (task.itm.swap's inputs replaced), its kind
         drawn by the configured weights."""
-        k_kind, k_batch = jax.random.split(rng)
-        ids, mask = batch["text_ids"], batch["text_mask"]
-        # Identical captions are not mismatches (nor the clips speaking them): forbid them as in-batch negatives.
+        k_kind, k_batch, k_mined = jax.random.split(rng, 3)
+        swap_keys = SWAP_KEYS[self.swap]
+        ids = batch[SAME_KEY.get(self.swap, "text_ids")]
+        # Identical captions (or tag sequences) are not mismatches, nor the clips / images of identical captions:
+        # forbid them as in-batch negatives.
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
         neg_index, valid = objectives.itm_negatives(k_batch, jnp.zeros(same.shape, jnp.float32),
                                                     same_image=same, hard=False)
-        if len(self.negative_kinds) == 1:
-            return {k: batch[k][neg_index] for k in SWAP_KEYS[self.swap]}, valid
-        kinds = self.negative_kinds[1:]
-        candidates_ids = jnp.stack([ids[neg_index]] + [batch[f"{k}_text_ids"] for k in kinds])
-        candidates_mask = jnp.stack([mask[neg_index]] + [batch[f"{k}_text_mask"] for k in kinds])
-        kind = jax.random.categorical(k_kind, jnp.asarray(self.negative_logits), shape=(ids.shape[0],))
-        rows = jnp.arange(ids.shape[0])
-        valid = jnp.where(kind == 0, valid, True)
-        return {"text_ids": candidates_ids[kind, rows], "text_mask": candidates_mask[kind, rows]}, valid
+        active = [i for i, logit in enumerate(self.negative_logits) if logit > np.log(1e-12) + 1]
+        if active == [0]:
+            return {k: batch[k][neg_index] for k in swap_keys}, valid
+        candidates = {k: [batch[k][neg_index]] for k in swap_keys}
+        valids = [valid]
+        if self.mined:
+            mined_index, mined_valid = self._mined(k_mined, params, batch, same)
+        else:  # never drawn (weight 0); a placeholder keeps the candidate stack's kind order
+            mined_index, mined_valid = neg_index, valid
+        for k in swap_keys:
+            candidates[k].append(batch[k][mined_index])
+        valids.append(mined_valid)
+        for kind in self.negative_kinds[2:]:
+            candidates["text_ids"].append(batch[f"{kind}_text_ids"])
+            candidates["text_mask"].append(batch[f"{kind}_text_mask"])
+            valids.append(jnp.ones_like(valid))
+        kind = jax.random.categorical(k_kind, jnp.asarray(self.negative_logits), shape=(same.shape[0],))
+        rows = jnp.arange(same.shape[0])
+        return ({k: jnp.stack(v)[kind, rows] for k, v in candidates.items()}, jnp.stack(valids)[kind, rows])
 
     def _patch_targets(self, image: jax.Array, patch_index: jax.Array) -> jax.Array:
         """MAE's norm-pix targets of the kept patches: [B, N', p*p*C]."""
@@ -165,7 +220,7 @@ class MatchingTask:
             blocks.append(rows)
 
         if w["itm"] or w["wpa"]:
-            swapped, neg_valid = self._mismatches(k_neg, batch)
+            swapped, neg_valid = self._mismatches(k_neg, batch, params)
             add("itm_true", objectives.model_inputs(batch, self.model_keys, text))
             add("itm_false", {**objectives.model_inputs(batch, self.model_keys, text), **swapped})
         visual = {}
@@ -177,10 +232,15 @@ class MatchingTask:
             patch_mask = objectives.mask_patches(k_visual, grid * grid, b, self.patch_mask_prob)
             visual = {"patch_mask": patch_mask}
         if w["mlm"]:
+            k_mlm, k_tags = jax.random.split(k_mlm)
             masked_ids, labels, label_mask = self._mask(k_mlm, *text)
             joint = self.masking == "joint" and visual
-            add("mlm", objectives.model_inputs(batch, self.model_keys, (masked_ids, batch["text_mask"]),
-                                  **(visual if joint else {})))
+            mlm_rows = objectives.model_inputs(batch, self.model_keys, (masked_ids, batch["text_mask"]),
+                                               **(visual if joint else {}))
+            if self.mask_tags:
+                mlm_rows["tags_text_ids"], tag_labels, tag_label_mask = self._mask(
+                    k_tags, batch["tags_text_ids"], batch["tags_text_mask"])
+            add("mlm", mlm_rows)
             if joint:
                 offsets["visual"] = offsets["mlm"]
         if visual and "visual" not in offsets:
@@ -190,7 +250,8 @@ class MatchingTask:
         like = {k: rows[k] for rows in blocks for k in rows}
         model_batch = {k: jnp.concatenate([rows.get(k, jnp.zeros_like(like[k])) for rows in blocks]) for k in like}
         out = self.model.apply({"params": params}, model_batch, train=True, rngs={"dropout": k_drop})
-        for name, weight in w.items():
+        needed = dict(w, mlm_tags=w["mlm"] if self.mask_tags else 0.0)
+        for name, weight in needed.items():
             missing = [k for k in NEEDS[name] if k not in out]
             if weight and missing:
                 raise ValueError(f"objective {name!r} needs model outputs {missing}; {type(self.model).__name__} "
@@ -220,8 +281,12 @@ class MatchingTask:
                                                                    iterations=self.wpa_iterations)
             total += w["wpa"] * metrics["wpa_loss"]
         if w["mlm"]:
-            metrics["mlm_loss"], metrics["mlm_acc"] = losses.masked_lm_loss(part("mlm_logits", "mlm"), labels,
-                                                                            label_mask)
+            mlm_logits = part("mlm_logits", "mlm")
+            if self.mask_tags:  # one masked token loss over the words and the tags (OSCAR)
+                mlm_logits = jnp.concatenate([mlm_logits, part("tags_mlm_logits", "mlm")], axis=1)
+                labels = jnp.concatenate([labels, tag_labels], axis=1)
+                label_mask = jnp.concatenate([label_mask, tag_label_mask], axis=1)
+            metrics["mlm_loss"], metrics["mlm_acc"] = losses.masked_lm_loss(mlm_logits, labels, label_mask)
             total += w["mlm"] * metrics["mlm_loss"]
         if w["mrfr"]:
             metrics["mrfr_loss"] = losses.masked_feature_regression_loss(
