@@ -1,7 +1,7 @@
-"""Sharded training equals single-device training (CLIP contrastive; ViLT, UNITER, ViLBERT and a fusion model with
-MLM + ITM (+ WPA, MRFR, MRC); the captioner and CoCa's contrastive + captioning): the same loss and gradients, and
-the same optimizer update for the same gradients; a dropped all-gather is caught; parameters are really sharded;
-checkpoints round-trip.
+"""Sharded training equals single-device training (CLIP contrastive, and with DeViSE's / VSE++'s ranking losses;
+ViLT, UNITER, ViLBERT, VisualBERT, LXMERT, OSCAR and a fusion model with MLM + ITM (+ WPA, MRFR, MRC); the
+captioner and CoCa's contrastive + captioning): the same loss and gradients, and the same optimizer update for the
+same gradients; a dropped all-gather is caught; parameters are really sharded; checkpoints round-trip.
 
 The suite runs with 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 """
@@ -220,6 +220,16 @@ def test_sharded_step_equals_single_device(load_config, mesh, model):
 @pytest.mark.parametrize("model", ["uniter", "vilbert", "fusion", "visualbert", "lxmert", "oscar"])
 def test_sharded_step_equals_single_device_fusion_models(load_config, model):
     check_sharded_equals_single(small_region_config(load_config, model), dict(data=2, fsdp=2, tensor=2))
+
+
+@pytest.mark.parametrize("loss", ["hinge", "triplet_hardest"])
+def test_sharded_step_equals_single_device_ranking_losses(load_config, loss):
+    """DeViSE's hinge (no text projection: the text tower's pooled features are the targets) and VSE++."""
+    config = small_clip_config(load_config)
+    config.model.update(dict(loss=loss, margin=0.2))
+    if loss == "hinge":
+        config.model.update(dict(project_text=False, embed_dim=config.model.text.width))
+    check_sharded_equals_single(config, dict(data=2, fsdp=2, tensor=2))
 
 
 def small_caption_config(load_config, name):
