@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import einops
 import flax.linen as nn
@@ -712,3 +712,32 @@ class TextEmbeddings(nn.Module):
         if self.use_ln:
             x = self.ln(x)
         return x, self.word_embedding
+
+
+def check_text_region_batch(model: str, batch: Mapping[str, Array], required: Sequence[str], *, max_len: int,
+                            region_feat_dim: int) -> tuple[int, int, int]:
+    """The batch checks every words + regions model shares: `required` keys present, text_ids [B, L] with
+    L <= max_len, region_feats [B, R, region_feat_dim], and the masks / boxes / type ids, where given, of matching
+    shapes. Raises KeyError / ValueError naming `model`, the key and the shapes; returns (B, L, R)."""
+    for key in required:
+        if key not in batch:
+            raise KeyError(f"{model} needs batch key {key!r}; got keys {sorted(batch)}")
+    text_shape = tuple(jnp.shape(batch["text_ids"]))
+    if len(text_shape) != 2:
+        raise ValueError(f"batch key 'text_ids' must be [B, L]; got shape {text_shape}")
+    b, length = text_shape
+    if length > max_len:
+        raise ValueError(f"batch key 'text_ids' has length {length} > max_len {max_len}")
+    feats_shape = tuple(jnp.shape(batch["region_feats"]))
+    if len(feats_shape) != 3 or feats_shape[0] != b or feats_shape[2] != region_feat_dim:
+        raise ValueError(f"batch key 'region_feats' must be [B, R, region_feat_dim] = [{b}, R, {region_feat_dim}]; "
+                         f"got shape {feats_shape}")
+    r = feats_shape[1]
+    expected = {"text_mask": ((b, length), "[B, L]"), "text_type_ids": ((b, length), "[B, L]"),
+                "region_boxes": ((b, r, 4), "[B, R, 4]"), "region_mask": ((b, r), "[B, R]"),
+                "region_feature_mask": ((b, r), "[B, R]")}
+    for key, (shape, dims) in expected.items():
+        got = None if batch.get(key) is None else tuple(jnp.shape(batch[key]))
+        if got is not None and got != shape:
+            raise ValueError(f"batch key {key!r} must be {dims} = {list(shape)}; got shape {got}")
+    return b, length, r

@@ -76,28 +76,21 @@ class OSCAR(nn.Module):
 
     def _check_batch(self, batch: Mapping[str, Array]) -> None:
         """Raises KeyError / ValueError (naming the key and shape) for a malformed batch."""
-        for key in REQUIRED_KEYS:
+        for key in ("tags_text_ids", "tags_text_mask"):
             if key not in batch:
-                hint = " (set data.regions.tags=True)" if key.startswith("tags_") else ""
-                raise KeyError(f"OSCAR needs batch key {key!r}{hint}; got keys {sorted(batch)}")
+                raise KeyError(f"OSCAR needs batch key {key!r} (set data.regions.tags=True); got keys {sorted(batch)}")
         if self.norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
-        b, length = jnp.shape(batch["text_ids"])
-        tags = jnp.shape(batch["tags_text_ids"])
+        b, length, _ = layers.check_text_region_batch("OSCAR", batch, REQUIRED_KEYS, max_len=self.max_len,
+                                                      region_feat_dim=self.region_feat_dim)
+        tags = tuple(jnp.shape(batch["tags_text_ids"]))
         if len(tags) != 2 or tags[0] != b or tags[1] < 2:
             raise ValueError(f"batch key 'tags_text_ids' must be [B, T] = [{b}, T >= 2]; got shape {tags}")
+        if tuple(jnp.shape(batch["tags_text_mask"])) != tags:
+            raise ValueError(f"batch key 'tags_text_mask' must have shape {list(tags)}; got "
+                             f"{tuple(jnp.shape(batch['tags_text_mask']))}")
         if length + tags[1] - 1 > self.max_len:
             raise ValueError(f"words ({length}) + tags ({tags[1] - 1}) exceed max_len {self.max_len} positions")
-        feats = tuple(jnp.shape(batch["region_feats"]))
-        if len(feats) != 3 or feats[0] != b or feats[2] != self.region_feat_dim:
-            raise ValueError(f"batch key 'region_feats' must be [B, R, region_feat_dim] = [{b}, R, "
-                             f"{self.region_feat_dim}]; got shape {feats}")
-        expected = {"text_mask": (b, length), "tags_text_mask": tags, "region_boxes": (b, feats[1], 4),
-                    "region_mask": (b, feats[1]), "region_feature_mask": (b, feats[1])}
-        for key, shape in expected.items():
-            got = None if batch.get(key) is None else tuple(jnp.shape(batch[key]))
-            if got is not None and got != tuple(shape):
-                raise ValueError(f"batch key {key!r} must have shape {list(shape)}; got {got}")
 
     @nn.compact
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:

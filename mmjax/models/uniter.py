@@ -87,35 +87,12 @@ class UNITER(nn.Module):
 
     def _check_batch(self, batch: Mapping[str, Array]) -> None:
         """Raises KeyError / ValueError (naming the key and shape) for a malformed batch."""
-        for key in REQUIRED_KEYS:
-            if key not in batch:
-                raise KeyError(f"UNITER needs batch key {key!r}; got keys {sorted(batch)}")
         if self.norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
         if self.type_vocab_size < 2:
             raise ValueError(f"type_vocab_size must be >= 2 (regions use type 1), got {self.type_vocab_size}")
-        text_shape = jnp.shape(batch["text_ids"])
-        if len(text_shape) != 2:
-            raise ValueError(f"batch key 'text_ids' must be [B, L]; got shape {text_shape}")
-        b, length = text_shape
-        if length > self.max_len:
-            raise ValueError(f"batch key 'text_ids' has length {length} > max_len {self.max_len}")
-        feats_shape = tuple(jnp.shape(batch["region_feats"]))
-        if len(feats_shape) != 3 or feats_shape[0] != b or feats_shape[2] != self.region_feat_dim:
-            raise ValueError(f"batch key 'region_feats' must be [B, R, region_feat_dim] = [{b}, R, "
-                             f"{self.region_feat_dim}]; got shape {feats_shape}")
-        r = feats_shape[1]
-        expected = {
-            "text_mask": ((b, length), "[B, L]"),
-            "text_type_ids": ((b, length), "[B, L]"),
-            "region_boxes": ((b, r, 4), "[B, R, 4]"),
-            "region_mask": ((b, r), "[B, R]"),
-            "region_feature_mask": ((b, r), "[B, R]"),
-        }
-        for key, (shape, dims) in expected.items():
-            got = None if batch.get(key) is None else tuple(jnp.shape(batch[key]))
-            if got is not None and got != shape:
-                raise ValueError(f"batch key {key!r} must be {dims} = {list(shape)}; got shape {got}")
+        layers.check_text_region_batch("UNITER", batch, REQUIRED_KEYS, max_len=self.max_len,
+                                       region_feat_dim=self.region_feat_dim)
 
     def _embed_regions(self, feats: Array, boxes: Array, feature_mask: Optional[Array], region_type: Array) -> Array:
         """Region embeddings LN(LN(Dense(feat)) + LN(Dense(geometry)) + region_type) -> [B, R, D]."""
