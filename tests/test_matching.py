@@ -325,6 +325,7 @@ def test_mpp_wpa_and_mined_negatives_switch_on_from_the_config(load_config, file
     config.task.objectives.mpp, config.task.objectives.wpa = 1, 0.1
     config.task.itm.negatives.mined = 1
     config.unlock()
+    config.task.wpa.iterations = 5  # IPOT's proximal steps: a few are enough to trace and differentiate it
     config.data.image_size = 32
     if filename == "fusion.py":
         config.model.towers.image.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
@@ -340,7 +341,7 @@ def test_mpp_wpa_and_mined_negatives_switch_on_from_the_config(load_config, file
     assert task.mined
     batch = jax.tree.map(jnp.asarray, _random_batch(config, meta))
     params = model.init(jax.random.key(0), {k: batch[k] for k in meta.model_keys})["params"]
-    (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(task.loss, has_aux=True))(
         nn.meta.unbox(params), batch, jax.random.key(1))
     assert {"mpp_loss", "wpa_loss", "itm_loss", "mlm_loss"} <= set(metrics) and np.isfinite(float(loss))
     mpp_params = [k for k in jax.tree_util.tree_leaves_with_path(grads) if "mpp_decoder" in jax.tree_util.keystr(k[0])]
