@@ -35,6 +35,6 @@ setup(
     extras_require={
         # pycocoevalcap: the reference our caption metrics are tested against (its PTB tokenizer needs Java);
         # librosa: the reference of the log-mel frontend.
-        "test": ["pytest>=8", "pycocoevalcap>=1.2", "librosa>=0.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2", "librosa>=0.10"],
     },
 )

@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype; params stay float32. 'bfloat16' for accelerators.
         remat=False,
         # image_size, max_len and vocab_size come from the data (None: resolved when the run starts).
-        image=dict(image_size=config_dict.placeholder(int), pool="cls", norm="pre", **v["image"]),
+        # ln_pre: CLIP's LayerNorm before the transformer (OpenAI's and HF's have it; export needs it).
+        image=dict(image_size=config_dict.placeholder(int), pool="cls", norm="pre", ln_pre=True, **v["image"]),
         text=dict(max_len=config_dict.placeholder(int), causal=True, pool="eos", norm="pre", **v["text"]),
     ))
     if c.model.text.vocab_size is None:

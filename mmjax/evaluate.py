@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli_logging, optim, sharding
+from mmjax import checkpoint, cli, cli_logging, optim, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline, preprocess
 from mmjax.evaluation import report
@@ -103,4 +103,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from mmjax import checkpoint, cli_logging, decoding, pretrained
+from mmjax import checkpoint, cli, cli_logging, decoding, pretrained
 from mmjax.data import pipeline, preprocess
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models import build_model
@@ -132,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

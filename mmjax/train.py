@@ -11,7 +11,9 @@ the current step and exits with 143 / 130; a second run on the same WORKDIR is r
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 import os
 import signal
 import sys
@@ -26,9 +28,10 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli_logging, config_checks, optim, reliability, sharding
+from mmjax import checkpoint, cli, cli_logging, config_checks, optim, reliability, run_config, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
+from mmjax.evaluation import report
 from mmjax.evaluation.evaluators import build_evaluators, run_evaluators
 from mmjax.metrics_writer import MetricWriter
 from mmjax.models import build_model
@@ -78,6 +81,57 @@ def check_workdir(workdir: str | None) -> str:
     return workdir
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, checkpointed: bool) -> dict:
+    """The config fields that differ from the run's saved config.json (none for a new run); a difference that
+    changes parameter shapes or what the inputs mean (or another tokenizer) is refused in one line."""
+    saved = run_config.load_saved(workdir)
+    if saved is None or not checkpointed:  # nothing to resume: the saved config describes no weights
+        return {}
+    changes = run_config.diff(saved, config)
+    run_config.check_resumable(changes)
+    saved_tokenizer = os.path.join(workdir, "tokenizer.json")
+    if tokenizer is not None and os.path.exists(saved_tokenizer):
+        from mmjax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+
+        theirs, ours = Tokenizer.from_path(saved_tokenizer).vocab(), tokenizer.vocab()
+        if theirs != ours:
+            differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+            raise ValueError(f"the data's tokenizer ({len(ours)} tokens) is not the one this workdir's checkpoints "
+                             f"were trained with ({saved_tokenizer}, {len(theirs)} tokens; e.g. {differ}): use a "
+                             f"new --workdir, or set data.tokenizer to {saved_tokenizer}")
+    for name, change in changes.items():
+        level = logging.INFO if run_config.kind(name) == "harmless" else logging.WARNING
+        logging.log(level, "config changed since the last run: %s", run_config.describe({name: change}))
+    return changes
+
+
+def last_eval(workdir: str) -> dict:
+    """The last evaluation record in WORKDIR/metrics.jsonl (without step and kind), or {}."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        evals = [json.loads(line) for line in f if line.strip() and '"kind": "eval"' in line]
+    return {k: v for k, v in evals[-1].items() if k not in ("step", "kind")} if evals else {}
+
+
+def console_line(step: int, last: int, metrics: dict, eta_s: float) -> str:
+    """The progress line: step, loss (and each objective's loss when there are several), lr, throughput, ETA."""
+    parts = [f"step {step}/{last}", f"loss {metrics['loss']:.4f}"]
+    objectives = sorted(k for k in metrics if k.endswith("_loss"))
+    if len(objectives) > 1:
+        parts.append("(" + " ".join(f"{k[:-5]} {metrics[k]:.4f}" for k in objectives) + ")")
+    parts += [f"lr {metrics['lr']:.2e}", f"grad_norm {metrics['grad_norm']:.3f}",
+              f"{metrics['examples_per_s']:.0f} ex/s", f"{metrics['device_flops_per_s'] / 1e9:.1f} GFLOP/s/device",
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}"]
+    return "  ".join(parts)
+
+
+def eval_line(step: int, metrics: dict) -> str:
+    """One evaluation on one line, metrics in their natural order (R@1, R@5, R@10; counts as integers)."""
+    return f"eval step {step}: " + "  ".join(f"{k} {report.format_value(k, v)}" for k, v in report.ordered(metrics))
+
+
 def step_flops(compiled: Any) -> float | None:
     """FLOPs of one compiled step on one device, from XLA's cost analysis (None where the backend does not say)."""
     try:
@@ -103,6 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     tokenizer = pipeline.load_tokenizer(config.data)
     meta = pipeline.dataset_meta(config.data, tokenizer)
     state_lib.resolve_model_config(config, meta)
+    if not dry_run:
+        for warning in pipeline.small_data_warnings(config.data, meta, config.train.batch_size, config.get("evals")):
+            logging.warning("%s", warning)
 
     # 3. Model, task, optimizer; parameters abstract until the state is created on the mesh.
     model = build_model(config.model)
@@ -127,15 +184,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
 
     # 4. Workdir (one run writes to it at a time), state (created sharded), resume or a fresh start (from
     #    init_from's weights, if any).
+    #    A rerun may change harmless fields (run length, logging, eval frequency: recorded in config_history.jsonl),
+    #    never the model's shapes or the meaning of its inputs.
     workdir = check_workdir(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    latest = ckpt.latest_step()
+    changes = check_resume(config, workdir, tokenizer, checkpointed=latest is not None)
+    if latest is not None and latest >= config.train.steps:
+        ckpt.close()
+        logging.info("already at step %d (train.steps=%d): nothing to do; raise --config.train.steps to train on",
+                     latest, config.train.steps)
+        return last_eval(workdir)
     lock = reliability.WorkdirLock(workdir, process_index=jax.process_index())
     state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"), meta.answer_vocab,
                                            tokenizer)
     logging.info("%s", how)
     start_step = int(state["step"])
     if jax.process_index() == 0:
+        if changes:
+            run_config.record(workdir, start_step, changes)
         checkpoint.save_config(config, workdir)
         checkpoint.save_run_files(workdir, tokenizer=tokenizer, answer_vocab=meta.answer_vocab)
     writer = MetricWriter(workdir)
@@ -161,33 +229,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
         for step in range(start_step + 1, last + 1):
             batch = sharding.make_global_batch(next(batches), mesh)
             if compiled is None:  # compile once, explicitly, to read the step's FLOPs from XLA
+                logging.info("compiling the train step (once per run; seconds to minutes)")
                 compiled = step_fn.lower(state, batch, rng).compile()
                 flops = step_flops(compiled) or 0.0
             state, metrics = compiled(state, batch, rng)
             stopping = signals.requested(ckpt.manager, step)
             saving = stopping or step == last or ckpt.due(step)
-            if saving or step % log_every == 0:  # the host looks at the metrics (and so waits for the step) here
+            logging_step = step % log_every == 0 or step == last or step == start_step + 1
+            if saving or logging_step:  # the host looks at the metrics (and so waits for the step) here
                 metrics = jax.device_get(metrics)
                 reliability.check_finite(metrics, step, ckpt.latest_step())
 
-            if step % log_every == 0 or step == last:
+            if logging_step:
                 now = time.perf_counter()
                 steps_per_s = (step - step_last) / (now - t_last)
                 t_last, step_last = now, step
                 metrics.update(examples_per_s=steps_per_s * config.train.batch_size,
                                device_flops_per_s=steps_per_s * flops)
                 writer.write(step, "train", metrics)
-                eta = (last - step) / max(steps_per_s, 1e-9)
-                logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f ex/s  %.1f GFLOP/s/device  ETA %s",
-                             step, last, metrics["loss"], metrics["lr"], metrics["grad_norm"],
-                             metrics["examples_per_s"], metrics["device_flops_per_s"] / 1e9,
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))
+                logging.info("%s", console_line(step, last, metrics, (last - step) / max(steps_per_s, 1e-9)))
 
             due = {name: ev for name, ev in evaluators.items() if step % ev.every_steps == 0 or step == last}
             if due and not stopping:  # a preempted run saves first; the evaluation can wait for the rerun
                 eval_metrics = run_evaluators(due, state["params"], step)
                 writer.write(step, "eval", eval_metrics)
-                logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                logging.info("%s", eval_line(step, eval_metrics))
                 t_last = time.perf_counter()  # keep eval time out of the throughput figure
 
             if saving:
@@ -201,52 +267,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     return eval_metrics
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns config errors (unknown field, bad value) into one clear line."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # config_flags raises various types; all are user input errors here
-        message = str(e.args[0] if getattr(e, "args", None) else e)
-        if "Traceback" in message:  # an error inside get_config, wrapped with its traceback: keep what it said
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            message = f"{message.split('Traceback')[0].strip()} {lines[-1]}"
-        # A KeyError's message arrives as its repr: literal \' and \n sequences.
-        message = message.replace("\\n", " ").replace("\\'", "'").replace("\n", " ").strip()
-        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a quoted whole
-            message = message[1:-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+def finished_line(workdir: str, metrics: dict, seconds: float) -> str:
+    """The run's last line: wall time, the last evaluation and where the results are."""
+    shown = "  ".join(f"{k} {report.format_value(k, v)}" for k, v in report.ordered(metrics)[:6])
+    return (f"done in {datetime.timedelta(seconds=round(seconds))}; last eval: {shown or 'none'}; results in "
+            f"{workdir} (metrics.jsonl, checkpoints/; `python -m mmjax.evaluate --workdir={workdir}` writes a report, "
+            f"`tensorboard --logdir={workdir}` shows the curves)")
 
 
 def main(argv: list[str]) -> None:
     """CLI entry point."""
     del argv
     cli_logging.quiet_foreign_info()
+    started = time.perf_counter()
     try:
         config = _CONFIG.value
         if config is not None:
             config.keys()  # config_flags may load the file only when the config is first read
     except Exception as e:  # a missing file or a get_config error: config_flags wraps it with its traceback text
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        print(f"error: --config: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(f"--config: {lines[-1] if lines else type(e).__name__}")
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/clip.py")
+        cli.fail("--config is required, e.g. --config=configs/clip.py")
     try:
-        train_and_evaluate(config, _WORKDIR.value, dry_run=_DRY_RUN.value)
+        metrics = train_and_evaluate(config, _WORKDIR.value, dry_run=_DRY_RUN.value)
     except reliability.Stopped as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(e), status=1)
     except (ValueError, FileNotFoundError) as e:
         # Input errors (mesh, batch size, workdir, tokenizer path, image/patch size) end in one line.
         if logging.get_verbosity() >= logging.DEBUG:
             raise
-        print(f"error: {e}  (rerun with --verbosity=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(f"{e}  (rerun with --verbosity=1 for the traceback)")
+    if not _DRY_RUN.value and jax.process_index() == 0:
+        print(finished_line(_WORKDIR.value, metrics, time.perf_counter() - started))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -6,12 +6,39 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@contextlib.contextmanager
+def _building(data_dir: str):
+    """Hold an exclusive lock on data_dir while building into it: pytest-xdist workers (`pytest -n 2`) sharing
+    MMJAX_TEST_DATA_DIR must not prepare the same dataset at once (each otherwise builds into its own temp dir)."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".mmjax_test_build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# Session fixtures that take long to build: the tests using one run on one pytest-xdist worker (`pytest -n 2
+# --dist loadgroup`), so each is built once per test run rather than once per worker.
+WORKER_GROUPS = {"vqa_data_dir": "easy_vqa_questions", "tiny_run": "tiny_runs"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Marks each test that uses a fixture of WORKER_GROUPS with that fixture's xdist_group."""
+    del config
+    for item in items:
+        for fixture, group in WORKER_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +51,20 @@ def embedded_data_dir(tmp_path_factory) -> str:
     from mmjax.data import easy_vqa_captions, sources  # pylint: disable=import-outside-toplevel
 
     data_dir = os.environ.get("MMJAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    sources.open_source("easy_vqa", easy_vqa_captions.source_config(data_dir=data_dir))
+    with _building(data_dir):
+        sources.open_source("easy_vqa", easy_vqa_captions.source_config(data_dir=data_dir))
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def vqa_data_dir(embedded_data_dir) -> str:
+    """A TFDS data_dir holding the embedded VQA questions (easy_vqa_questions, ~40 s to build) beside the embedded
+    dataset."""
+    from mmjax.data import sources, vqa  # pylint: disable=import-outside-toplevel
+
+    with _building(embedded_data_dir):
+        sources.open_source("easy_vqa", vqa.easy_vqa_source_config(data_dir=embedded_data_dir))
+    return embedded_data_dir
 
 
 @pytest.fixture
@@ -54,6 +93,39 @@ def load_config(embedded_data_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(load_config, tmp_path_factory):
+    """tiny_run("clip.py") -> (workdir, config): a 2-step run of that config as a user starts it, shrunk to seconds
+    (one-layer towers, batch 16 from the first 64 training examples, no evaluators, the last step checkpointed),
+    trained once per session; the config is as loaded (before the trainer resolved its data-dependent fields).
+    Tests only read the workdir; copy it to change it."""
+    import copy  # pylint: disable=import-outside-toplevel
+
+    from mmjax import train as trainer  # pylint: disable=import-outside-toplevel
+
+    runs = {}
+
+    def get(filename: str):
+        if filename not in runs:
+            c = load_config(filename)
+            for tower in ("image", "text"):
+                if tower in c.model and "depth" in c.model[tower]:
+                    c.model[tower].depth = 1
+            if "depth" in c.model:
+                c.model.depth = 1
+            c.data.sources.easy_vqa.train_split = "train[:64]"  # in memory: decode only what 2 steps read
+            c.train.update(dict(batch_size=16, steps=2, log_every=1))
+            c.optimizer.warmup_steps = 1
+            c.checkpoint.update(dict(every_steps=1000, async_save=False))  # the final step is always saved
+            c.evals = {}
+            workdir = str(tmp_path_factory.mktemp(filename.replace(".py", "_run")))
+            runs[filename] = workdir, copy.deepcopy(c)
+            trainer.train_and_evaluate(c, workdir)
+        return runs[filename]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def spoken_data_dir(embedded_data_dir) -> str:
     """A TFDS data_dir holding spoken_easy_vqa/tiny (96 train / 48 test images spoken by espeak-ng, ~10 s to
     build; reused from MMJAX_TEST_DATA_DIR when set). Skips, saying why, where espeak-ng is not installed."""
@@ -63,8 +135,9 @@ def spoken_data_dir(embedded_data_dir) -> str:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the spoken-caption tests need it")
     from mmjax.data import sources, spoken_captions  # pylint: disable=import-outside-toplevel
 
-    sources.open_source("spoken", spoken_captions.source_config(name="spoken_easy_vqa/tiny",
-                                                                data_dir=embedded_data_dir))
+    with _building(embedded_data_dir):
+        sources.open_source("spoken", spoken_captions.source_config(name="spoken_easy_vqa/tiny",
+                                                                    data_dir=embedded_data_dir))
     return embedded_data_dir
 
 

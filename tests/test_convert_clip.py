@@ -166,8 +166,11 @@ def test_export_refuses_what_hf_clip_cannot_express(load_config):
         return cfg
 
     with pytest.raises(ValueError, match="ln_pre"):
-        hf_clip.export(base, {}, eos_token_id=V - 1)  # configs/clip.py's default: no pre-LN
-    ok = dict(image__ln_pre=True)
+        hf_clip.export(variant(image__ln_pre=False), {}, eos_token_id=V - 1)  # HF always has pre_layrnorm
+    # Every problem in one message, the missing eos id included.
+    with pytest.raises(ValueError, match="loss='sigmoid'.*ln_pre=False.*without eos_token_id"):
+        hf_clip.export(variant(loss="sigmoid", image__ln_pre=False), {})
+    ok = dict(image__ln_pre=True)  # configs/clip.py's default, explicit: each case below has one problem only
     with pytest.raises(ValueError, match="loss"):
         hf_clip.export(variant(loss="sigmoid", **ok), {}, eos_token_id=V - 1)
     with pytest.raises(ValueError, match="pool"):

@@ -17,16 +17,8 @@ from PIL import Image
 
 from mmjax import optim, pretrained, sharding
 from mmjax.data import image_folder, pipeline, sources
-from mmjax.data import vqa as vqa_data
 from mmjax.evaluation import evaluators
 from mmjax.evaluation.evaluators import evaluator_config
-
-
-@pytest.fixture(scope="module")
-def vqa_data_dir(embedded_data_dir):
-    """The embedded VQA questions, built offline (once) beside the embedded dataset."""
-    sources.open_source("easy_vqa", vqa_data.easy_vqa_source_config(data_dir=embedded_data_dir))
-    return embedded_data_dir
 
 
 def _tiny(c):

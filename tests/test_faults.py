@@ -143,6 +143,11 @@ def test_a_changed_model_on_resume_names_the_parameters_and_shapes(tiny_config, 
     tiny_config.train.steps = 10
     trainer.train_and_evaluate(tiny_config, workdir)
     tiny_config.model.image.mlp_dim = 128
+    # The saved config.json tells first, by field; without it the checkpoint's shapes still do, by parameter.
+    with pytest.raises(ValueError, match=r"decide parameter shapes .*: model.image.mlp_dim 64 -> 128\. Use a new "
+                                         r"--workdir"):
+        trainer.train_and_evaluate(tiny_config, workdir)
+    os.remove(os.path.join(workdir, "config.json"))
     with pytest.raises(ValueError, match=r"does not fit this model \(9 differences: "
                                          r"params/image_encoder/encoder/layer_0/mlp/fc1/bias: \(64,\) in the "
                                          r"checkpoint vs \(128,\) now") as refused:

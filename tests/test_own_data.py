@@ -27,8 +27,9 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line) for line in lines]
 
 
-def make_folder(root: pathlib.Path, n: int = 24) -> None:
+def make_folder(root: pathlib.Path, n: int = 40) -> None:
     """my_data/images/<colour>/NN.png (a coloured square on grey, nested folders) and my_data/captions.jsonl."""
+    # 40 images: the README's 5% holdout is 2, so R@1 means something (24 would hold out 1, whose R@1 is dropped).
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -60,7 +61,8 @@ def test_readme_walkthrough(tmp_path):
         assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
         outputs.append(result.stdout)
 
-    assert "prepared dataset:" in outputs[0] and "train: " in outputs[0] and "validation: " in outputs[0]
+    assert "prepared dataset:" in outputs[0] and "train: 38 examples" in outputs[0] and "validation: 2" in outputs[0]
+    assert "warning: validation split has 2 images: retrieval metrics on it mean little" in outputs[0]
     run = tmp_path / "runs" / "my_clip"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -69,4 +71,7 @@ def test_readme_walkthrough(tmp_path):
     evaluated = json.loads(outputs[2].strip().splitlines()[-1])
     assert evaluated["retrieval/num_images"] == final_eval["retrieval/num_images"] >= 1
     np.testing.assert_allclose(evaluated["retrieval/i2t_r@1"], final_eval["retrieval/i2t_r@1"], atol=1e-6)
+    assert "retrieval/i2t_r@5" not in evaluated  # 2 candidates: R@5 would always be 1.0
+    table = outputs[2].split("| evaluator | metric | value |", 1)[1]
+    assert "| retrieval | num_images | 2 |" in table  # a count, printed as one
     assert json.loads((run / "eval.json").read_text()) == evaluated

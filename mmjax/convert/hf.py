@@ -3,11 +3,12 @@
     model, variables, config = mmjax.convert.hf.load("path/to/hf_model_dir")
     out = model.apply(variables, batch)          # dict with HF's output names (last_hidden_state, ...)
     mmjax.convert.hf.save("out_dir", config, variables)   # back to a directory transformers can load
+    mmjax.convert.hf.save("out_dir", config, variables, tokenizer=tok, max_len=24)   # + tokenizer.json etc.
 
 Weights are read with `safetensors.numpy`: no torch at run time. `load` dispatches on config.json's `model_type`
 to one converter module per family (`hf_bert`, `hf_vit`, `hf_clip`, `hf_vilt`, `hf_visual_bert`, `hf_lxmert`); each
 exposes `load(hf_config, tensors) -> (module, variables, model_config)` and `export(model_config, variables) ->
-(hf_config, tensors)`.
+(hf_config, tensors)`; an `export` that takes `eos_token_id` gets the tokenizer's sep_id from `save` (`export_kwargs`).
 
 This module also holds the pieces the converters share: a weight mapping is a list of `Rule`s (our param path,
 HF tensor name, layout), applied in one direction by `params_from_hf` and in the other by `params_to_hf`, so load
@@ -16,6 +17,7 @@ and export cannot drift apart.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 from types import ModuleType
@@ -136,14 +138,37 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], dict[str, 
     return conv.load(hf_config, tensors)
 
 
-def save(path: str | os.PathLike, config: Mapping[str, Any], variables: Mapping[str, Any]) -> None:
-    """Writes config.json + model.safetensors that transformers' from_pretrained loads (config["name"] picks)."""
-    hf_config, tensors = converter(config.get("name")).export(config, variables)
+def export_kwargs(export: Callable[..., Any], tokenizer: Any = None) -> dict[str, Any]:
+    """What a converter's `export` accepts of the export-time facts a tokenizer gives (eos_token_id: its sep_id, the
+    id that ends every text)."""
+    if tokenizer is None:
+        return {}
+    known = {"eos_token_id": int(tokenizer.sep_id)}
+    accepted = inspect.signature(export).parameters
+    return {k: v for k, v in known.items() if k in accepted}
+
+
+def save(path: str | os.PathLike, config: Mapping[str, Any], variables: Mapping[str, Any], *,
+         tokenizer: Any = None, max_len: Optional[int] = None) -> list[str]:
+    """Writes config.json + model.safetensors that transformers' from_pretrained loads (config["name"] picks);
+    with our `tokenizer` (mmjax.data.tokenizer.Tokenizer) also its files (model_max_length: max_len, else the text
+    position count). Returns the file names written."""
+    conv = converter(config.get("name"))
+    hf_config, tensors = conv.export(config, variables, **export_kwargs(conv.export, tokenizer))
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
     write_safetensors(tensors, os.path.join(path, WEIGHTS_FILE))
+    files = [CONFIG_FILE, WEIGHTS_FILE]
+    if tokenizer is not None:
+        from mmjax.convert import hf_processing  # pylint: disable=import-outside-toplevel
+
+        # Without the run's text length, the position table's: truncation=True must never overrun it.
+        positions = (hf_config.get("max_position_embeddings")
+                     or (hf_config.get("text_config") or {}).get("max_position_embeddings"))
+        files += hf_processing.write_tokenizer(path, tokenizer, max_len or positions)
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ What is mapped, and how the two models are made to compute the same thing:
 `ln_pre=True` (HF always has pre_layrnorm), and a causal pre-LN text tower with a final LN. A ViT `patch_bias`
 (our default) is folded into the patch rows of the position table, which is exact. Text pool="eos" (our default:
 the last real token by mask) becomes HF's first-eos pooling, which agrees when every text ends in its first eos
-token, as mmjax's tokenizer writes them ([CLS] ... [SEP] pad); pass that id as `eos_token_id`.
+token, as mmjax's tokenizer writes them ([CLS] ... [SEP] pad); pass that id as `eos_token_id`
+(`mmjax.convert.hf.save(..., tokenizer=tok)` and `python -m mmjax.convert --workdir` pass `tok.sep_id`).
 """
 from __future__ import annotations
 
@@ -228,8 +229,9 @@ def export(model_config: Mapping[str, Any], variables: Mapping[str, Any], *, eos
            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Our CLIP config + variables -> (CLIPModel config.json dict, state-dict tensors) for transformers.
 
-    `eos_token_id` is needed only for text pool="eos" (our default) when the text config has none: the id that
-    ends every text (mmjax's tokenizer: its sep_id). Structures HF's CLIPModel cannot express raise ValueError.
+    `eos_token_id` is the id that ends every text (mmjax's tokenizer: its sep_id), used only for text pool="eos"
+    (our default; the text config's own eos_token_id when not given); pool="eos_id" / "argmax_id" name their own.
+    Whatever HF's CLIPModel cannot express is one ValueError listing every problem.
     """
     cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     if cfg.get("name") != "clip":
@@ -261,20 +263,18 @@ def export(model_config: Mapping[str, Any], variables: Mapping[str, Any], *, eos
             problems.append(f"{tower} activation {act!r}")
 
     pool = txt.pool or "eos"
+    eos = None
     if pool == "argmax_id":
         eos = LEGACY_EOS_ID  # the value that makes HF pool at argmax(input_ids)
     elif pool == "eos_id":
-        if eos_token_id is not None and eos_token_id != txt.eos_token_id:
-            raise ValueError(f"eos_token_id={eos_token_id} contradicts the text config's {txt.eos_token_id}")
-        eos = txt.eos_token_id
+        eos = txt.eos_token_id  # the model names its own id; HF then pools exactly where it does
     elif pool == "eos":
         eos = eos_token_id if eos_token_id is not None else txt.eos_token_id
         if eos is None:
-            raise ValueError("text pool='eos' pools the last real token; HF pools the first eos_token_id: pass "
-                             "eos_token_id (the id that ends every text, e.g. the tokenizer's sep_id)")
+            problems.append("text pool='eos' without eos_token_id (HF pools at the first eos_token_id: pass the "
+                            "id that ends every text, the tokenizer's sep_id; `hf.save(..., tokenizer=)` does)")
     else:
         problems.append(f"text pool={pool!r} (HF pools at the eos token)")
-        eos = None
     if pool in ("eos_id", "eos") and eos == LEGACY_EOS_ID:
         problems.append(f"eos_token_id {LEGACY_EOS_ID} (HF pools at argmax(input_ids) then, not at the eos id)")
     if problems:

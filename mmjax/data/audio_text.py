@@ -26,9 +26,10 @@ field is ignored. Labels: if any row has a `label`, every row needs one; the lab
 ClassLabel `label`; a clip given different labels in two rows is an error.
 
 Splits: the `split` values; rows without one go to "train" if some other row has one. If no row has a split, a
-deterministic `eval_fraction` is held out as "validation" exactly as image_text does (the round(eval_fraction * n)
-smallest sha256 of the paths), counting images when there are images (so every clip of a held-out image is held
-out with it: no image is both trained on and retrieved in evaluation) and clips otherwise.
+deterministic `eval_fraction` (or exactly `eval_count`) is held out as "validation" exactly as image_text does (the
+round(eval_fraction * n) smallest sha256 of the paths), counting images when there are images (so every clip of a
+held-out image is held out with it: no image is both trained on and retrieved in evaluation) and clips otherwise;
+an evaluation split of fewer than 10 images (clips) gets a warning.
 
 Features of one example (= one clip in one split), written in audio_id order:
 
@@ -40,9 +41,10 @@ Features of one example (= one clip in one split), written in audio_id order:
 * with `images`: `image` (the file's bytes, decoded to uint8 [H, W, 3] when read), `image_id` (index in the sorted
   distinct image paths) and `image_path`; with labels: `label` (ClassLabel).
 
-Bad input raises a ValueError naming the annotation file, the line and the offending file or value; with
-`skip_bad=True` bad rows are counted per reason (bad_row, empty_caption, missing_audio, bad_audio, missing_image,
-corrupt_image, unsupported_image, conflicting_image, conflicting_label), summarised and written to `skipped.json`.
+Bad rows are all listed in one ValueError, in file order (as image_text does), each naming the annotation file,
+the line and the offending file or value; with `skip_bad=True` bad rows are counted per reason (bad_row,
+empty_caption, missing_audio, bad_audio, missing_image, corrupt_image, unsupported_image, conflicting_image,
+conflicting_label), listed the same way in the summary and written to `skipped.json`.
 
 Prepared dataset directory `<out_dir>/mmjax_audio_text/<name>/1.0.0/`: `dataset_info.json`, `features.json`, the
 record files, the WordPiece tokenizer trained on the train captions (`tokenizer.json` + `vocab.txt`) and, with
@@ -208,6 +210,7 @@ class Plan:
     labels: tuple[str, ...] | None
     num_samples: dict[str, int]  # audio path -> samples at the sample rate (for the summary)
     report: it.SkipReport
+    warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the build summary
 
 
 def _check_audio(path: str, config: "AudioTextConfig") -> int:
@@ -235,8 +238,7 @@ def plan_audio_text(config: "AudioTextConfig") -> Plan:
     for what, folder in (("audio", config.audio), ("image", config.images)):
         if folder is not None and not os.path.isdir(folder):
             raise ValueError(f"{what} folder not found: {folder}")
-    if not 0 <= config.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    it.check_holdout(config.eval_fraction, config.eval_count)
     if config.sample_rate < 1 or config.min_seconds < 0:
         raise ValueError(f"need sample_rate >= 1 and min_seconds >= 0, got {config.sample_rate}, "
                          f"{config.min_seconds}")
@@ -263,13 +265,21 @@ def plan_audio_text(config: "AudioTextConfig") -> Plan:
             kept.append(row)
         else:
             report.bad(problem.reason, row.line, f"{annotations}, line {row.line}: {problem}")
+    report.check()  # every bad row at once, in file order (unless skipping them)
     if not kept:
         raise ValueError(f"{annotations}: no valid rows; {report.summary()}")
 
-    if all(r.split is None for r in kept):
-        key = (lambda r: r.image) if with_images else (lambda r: r.audio)
-        held_out = it.holdout_images(sorted({key(r) for r in kept}), config.eval_fraction)
+    held = all(r.split is None for r in kept)
+    # Counted in images when there are images: retrieval between clips and images ranks the distinct images.
+    key = (lambda r: r.image) if with_images else (lambda r: r.audio)
+    unit = "image" if with_images else "clip"
+    if held:
+        held_out = it.holdout_images(sorted({key(r) for r in kept}), config.eval_fraction, config.eval_count,
+                                     what=unit + "s")
         split_of = lambda r: "validation" if key(r) in held_out else "train"  # noqa: E731
+    elif config.eval_count is not None:
+        raise ValueError(f"{annotations}: rows name their splits, so nothing is held out; drop --eval_count or the "
+                         f"split column")
     else:
         split_of = lambda r: r.split or "train"  # noqa: E731
     labels = tuple(sorted({r.label for r in kept})) if kept[0].label is not None else None
@@ -284,7 +294,11 @@ def plan_audio_text(config: "AudioTextConfig") -> Plan:
             ex["label"] = row.label
     examples = {split: sorted(exs.values(), key=lambda e: e["audio_id"]) for split, exs in sorted(by_split.items())}
     num_samples = {p: n for p, n in lengths.items() if not isinstance(n, it.BadInput)}
-    return Plan(examples=examples, labels=labels, num_samples=num_samples, report=report)
+    sizes: dict[str, set] = {}
+    for row in kept:
+        sizes.setdefault(split_of(row), set()).add(key(row))
+    warnings = it.small_split_warnings({s: len(v) for s, v in sorted(sizes.items())}, unit, held)
+    return Plan(examples=examples, labels=labels, num_samples=num_samples, report=report, warnings=warnings)
 
 
 # ----------------------------------------------------------------------------------------------- builder
@@ -300,7 +314,8 @@ class AudioTextConfig(tfds.core.BuilderConfig):
     sample_rate: int = 16000
     downmix: bool = False
     min_seconds: float = 0.025
-    eval_fraction: float = 0.05
+    eval_fraction: float = it.DEFAULT_EVAL_FRACTION
+    eval_count: int | None = None  # hold out exactly this many images (without images: clips)
     skip_bad: bool = False
     tokenizer_vocab_size: int = 8000
 
@@ -373,19 +388,21 @@ class MmjaxAudioText(LocalBuilder):
                    f"Hz); {plan.report.summary()}")
         logging.info(summary)
         print(summary)
+        it.print_warnings(plan.warnings)
 
 
 def build_audio_text(annotations: str, audio_dir: str, out_dir: str, *, images: str | None = None,
                      name: str | None = None, sample_rate: int = 16000, downmix: bool = False,
-                     eval_fraction: float = 0.05, skip_bad: bool = False, tokenizer_vocab_size: int = 8000,
-                     file_format: str = "tfrecord", num_shards: int | None = None,
-                     min_seconds: float = 0.025) -> str:
+                     eval_fraction: float = it.DEFAULT_EVAL_FRACTION, eval_count: int | None = None,
+                     skip_bad: bool = False, tokenizer_vocab_size: int = 8000, file_format: str = "tfrecord",
+                     num_shards: int | None = None, min_seconds: float = 0.025) -> str:
     """Builds (or rebuilds) the `mmjax_audio_text/<name>` dataset under `out_dir`; returns the prepared directory.
 
     `name` defaults to the annotation file's stem; see the module docstring for the formats and the checks.
     """
     if tokenizer_vocab_size < 0:
         raise ValueError(f"tokenizer_vocab_size must be >= 0, got {tokenizer_vocab_size}")
+    it.check_holdout(float(eval_fraction), eval_count)  # before tfds logs the config it is handed
     config = AudioTextConfig(
         name=it.sanitize_name(name or os.path.splitext(os.path.basename(annotations))[0]),
         description=f"captions: {os.path.abspath(annotations)}, audio: {os.path.abspath(audio_dir)}"
@@ -393,7 +410,7 @@ def build_audio_text(annotations: str, audio_dir: str, out_dir: str, *, images: 
         annotations=os.path.abspath(annotations), audio=os.path.abspath(audio_dir),
         images=None if images is None else os.path.abspath(images), sample_rate=int(sample_rate),
         downmix=bool(downmix), min_seconds=float(min_seconds), eval_fraction=float(eval_fraction),
-        skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
+        eval_count=eval_count, skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
     builder = MmjaxAudioText(config=config, data_dir=out_dir, file_format=it.check_file_format(file_format))
     builder.plan()  # validate everything before tfds creates any directory
     return it.prepare(builder, num_shards=num_shards)

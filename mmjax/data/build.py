@@ -1,7 +1,7 @@
 """Builds TFDS datasets from your own files, offline; prints the prepared dataset directory.
 
     python -m mmjax.data.build image_text --annotations=my_data/captions.jsonl --images=my_data/images \\
-        --out=my_data/tfds [--name=NAME] [--regions=DIR] [--eval_fraction=0.05] [--skip_bad] \\
+        --out=my_data/tfds [--name=NAME] [--regions=DIR] [--eval_fraction=0.05 | --eval_count=N] [--skip_bad] \\
         [--tokenizer_vocab_size=8000]
     python -m mmjax.data.build vqa --train=QUESTIONS.json,ANNOTATIONS.json,IMAGE_DIR[,PATTERN] \\
         [--validation=...] [--test=QUESTIONS.json,,IMAGE_DIR,PATTERN] --out=DIR [--name=vqa] \\
@@ -9,8 +9,8 @@
     python -m mmjax.data.build easy_vqa --out=DIR [--limit=N]
     python -m mmjax.data.build image_folder --images=CLASS_FOLDERS --out=DIR [--name=NAME]
     python -m mmjax.data.build audio_text --annotations=my_data/captions.jsonl --audio=my_data/audio \\
-        --out=my_data/tfds [--images=DIR] [--name=NAME] [--sample_rate=16000] [--downmix] [--eval_fraction=0.05] \\
-        [--skip_bad] [--tokenizer_vocab_size=8000]
+        --out=my_data/tfds [--images=DIR] [--name=NAME] [--sample_rate=16000] [--downmix] \\
+        [--eval_fraction=0.05 | --eval_count=N] [--skip_bad] [--tokenizer_vocab_size=8000]
 
 `image_text` is `mmjax.data.image_text.build_image_text` and `vqa` is `mmjax.data.vqa.build_vqa` (their module
 docstrings document the file formats). A vqa split is "questions,annotations,image folder[,image pattern]"; leave
@@ -20,10 +20,13 @@ VQAv2 files into `<out>/easy_vqa_files/` (first `limit` questions of each) and b
 `image_folder` is `mmjax.data.image_folder.build_image_folder`: labelled images, one folder per class (zero-shot
 classification data). `audio_text` is `mmjax.data.audio_text.build_audio_text`: audio clips (any format libsndfile
 reads, resampled to --sample_rate, stored as int16) with captions / transcripts, optionally an image and a label
-per clip; --downmix averages multi-channel clips (otherwise they are bad input).
+per clip; --downmix averages multi-channel clips (otherwise they are bad input). Without a split column, image_text
+and audio_text hold out --eval_fraction of the images (clips) as validation, or exactly --eval_count of them, and
+warn when that is fewer than 10.
 
-Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split and
-the skip summary. Bad input prints `error: <message>` on stderr and exits with status 2.
+Output: the prepared dataset directory (open it with `tfds.builder_from_directory`), the examples per split, the
+skip summary and warnings (a tiny evaluation split). Bad input prints `error: <message>` on stderr and exits with
+status 2; bad rows are all listed in that message (the first 20 per file, in file order).
 
 Every command also takes `--file_format=tfrecord|array_record` (ArrayRecord files are read by random access:
 a resumed run needs no re-reading and each epoch is a full permutation) and `--num_shards=N` (files per split;
@@ -37,7 +40,7 @@ import os
 import sys
 from typing import Sequence
 
-from mmjax import cli_logging
+from mmjax import cli, cli_logging
 from mmjax.data import audio_text, image_folder, image_text, vqa
 
 import tensorflow_datasets as tfds
@@ -69,7 +72,8 @@ def run(command: str, values: dict) -> str:
                 raise ValueError(f"--{key} is required")
         return image_text.build_image_text(
             values["annotations"], values["images"], values["out"], name=values.get("name"),
-            regions=values.get("regions"), eval_fraction=values["eval_fraction"], skip_bad=values["skip_bad"],
+            regions=values.get("regions"), eval_fraction=values["eval_fraction"],
+            eval_count=values.get("eval_count"), skip_bad=values["skip_bad"],
             tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
     if command == "vqa":
         splits = {s: parse_vqa_split(values[s]) for s in VQA_SPLITS if values.get(s)}
@@ -96,7 +100,7 @@ def run(command: str, values: dict) -> str:
         return audio_text.build_audio_text(
             values["annotations"], values["audio"], values["out"], images=values.get("images"),
             name=values.get("name"), sample_rate=values["sample_rate"], downmix=values["downmix"],
-            eval_fraction=values["eval_fraction"], skip_bad=values["skip_bad"],
+            eval_fraction=values["eval_fraction"], eval_count=values.get("eval_count"), skip_bad=values["skip_bad"],
             tokenizer_vocab_size=values["tokenizer_vocab_size"], **storage)
     raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
 
@@ -127,6 +131,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("regions", None, "image_text: folder of per-image region .npz files.")
     flags.DEFINE_float("eval_fraction", 0.05, "image_text, audio_text: images (audio_text without images: clips) "
                                               "held out as validation when no split given.")
+    flags.DEFINE_integer("eval_count", None, "image_text, audio_text: hold out exactly this many images (clips) as "
+                                             "validation instead of --eval_fraction.")
     for split in VQA_SPLITS:
         flags.DEFINE_string(split, None, f"vqa: {split} split, QUESTIONS,ANNOTATIONS,IMAGE_DIR[,PATTERN].")
     flags.DEFINE_integer("vocab_size", vqa.DEFAULT_VOCAB_SIZE, "vqa: answer vocabulary size.")
@@ -150,15 +156,6 @@ def main(argv: Sequence[str]) -> None:
     report(path)
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag reported like bad input (exit 2) instead of absl's usage dump."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

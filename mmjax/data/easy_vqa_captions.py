@@ -43,6 +43,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core import example_serializer
 
+from mmjax.data.local_builder import OfflineMessages
+
 # Order matters: class indices are derived from it (label = color_index * 3 + shape_index).
 COLORS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
@@ -348,7 +350,7 @@ class _DeterministicExampleSerializer(example_serializer.ExampleSerializer):
         return self.get_tf_example(example).SerializeToString(deterministic=True)
 
 
-class EasyVqaCaptions(tfds.core.GeneratorBasedBuilder):
+class EasyVqaCaptions(OfflineMessages, tfds.core.GeneratorBasedBuilder):
     """easy-vqa images with measured attributes, Q/A and generated captions; builds offline."""
 
     VERSION = tfds.core.Version("1.0.0")

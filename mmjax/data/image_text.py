@@ -22,7 +22,9 @@ are (no re-encoding); grey / RGBA / palette images decode to RGB when read.
 Splits: the `split` values ("train", "validation", "test", or any name of letters, digits and `_`). Rows without
 one go to "train" if some other row has one. If no row has a split, a deterministic `eval_fraction` of the
 images is held out as "validation": the round(eval_fraction * n) images (at least 1 when there are >= 2 images,
-at most n - 1) whose sha256(image path) is smallest; all captions of a held-out image go with it.
+at most n - 1) whose sha256(image path) is smallest; all captions of a held-out image go with it. `eval_count=N`
+holds out exactly N images instead, chosen the same way (not with a non-default eval_fraction; N < n). An
+evaluation split of fewer than 10 images gets a warning after the build summary: recall@K on it means little.
 
 Precomputed region features (optional `regions` folder): one `.npz` per image at
 `<regions>/<image path without its extension>.npz` (`images/a/b.jpg` -> `<regions>/a/b.npz`), read with
@@ -51,11 +53,13 @@ Features of one example (= one image in one split), written in image_id order:
 * with `regions`: `region_features` float32 [R, D], `region_boxes` float32 [R, 4] and, when the files have them,
   `region_class_probs` float32 [R, C].
 
-Bad input raises a ValueError naming the annotation file, the line and the offending value: missing / corrupt /
-unsupported image, empty caption, invalid row (bad JSON, not an object, missing or non-string field, wrong CSV
-column count, bad split name or image path), missing or malformed regions file. A header without the required
-columns, an unreadable file or an empty result always raise. With `skip_bad=True` bad rows are skipped instead,
-counted per reason, summarised at the end (logged and printed) and written to `skipped.json`.
+Bad rows: every row is checked before the build stops, and one ValueError lists the bad ones in file order (the
+first 20, then "... and N more"; its first line counts them; a single bad row is one line), each naming the
+annotation file, the line and the offending value: missing / corrupt / unsupported image, empty caption, invalid
+row (bad JSON, not an object, missing or non-string field, wrong CSV column count, bad split name or image path),
+missing or malformed regions file. A header without the required columns, an unreadable file or an empty result always raise. With
+`skip_bad=True` bad rows are skipped instead, counted per reason, listed the same way in the summary at the end
+(logged and printed) and written to `skipped.json`.
 
 Prepared dataset directory `<out_dir>/mmjax_image_text/<name>/1.0.0/` (what `tfds.builder_from_directory` opens):
 `dataset_info.json`, `features.json`, `mmjax_image_text-<split>.tfrecord-0000x-of-0000y` files, the default
@@ -107,45 +111,96 @@ class BadInput(ValueError):
         self.reason = reason
 
 
+MAX_LISTED = 20  # bad rows an error or a summary lists; the rest are counted ("... and 3 more")
+_NOUNS = {"line": "row", "question_id": "question"}  # what one bad entry is, by SkipReport.item
+
+
 @dataclasses.dataclass
 class SkipReport:
-    """Raises the first bad row, or (skip_bad) counts the skipped ones per reason for the build summary."""
+    """Collects every bad row of one file; `check()` then raises them all at once, in file order, unless `skip_bad`
+    (then they are skipped and `summary()` lists them the same way)."""
 
     source: str  # the file the row numbers / ids refer to
     skip_bad: bool
     item: str = "line"  # what the recorded values are: "line" numbers or "question_id"s
     seen: int = 0  # rows looked at, for "skipped 3 of 120"
-    skipped: dict[str, list] = dataclasses.field(default_factory=dict)
+    entries: list[tuple[tuple, str, int | str, str]] = dataclasses.field(default_factory=list)  # order, reason, ...
 
-    def bad(self, reason: str, where: int | str, message: str) -> None:
-        """Raises `message` as a ValueError, or records `where` under `reason` when skipping."""
-        if not self.skip_bad:
-            raise BadInput(reason, message)
-        if self.total < 20:  # the summary has the rest; a broken dataset shouldn't flood the log
-            logging.warning("skipping: %s", message)
-        self.skipped.setdefault(reason, []).append(where)
+    def bad(self, reason: str, where: int | str, message: str, order: tuple | None = None) -> None:
+        """Records a bad row: `where` (its line / question_id) under `reason`; `order` sorts it into file order
+        (default: `where`, a line number)."""
+        if order is None:  # a line number; anything else goes last, in the order it was found
+            order = (where,) if isinstance(where, int) else (float("inf"), len(self.entries))
+        self.entries.append((order, reason, where, message))
+
+    def _in_file_order(self) -> list[tuple[tuple, str, int | str, str]]:
+        # Checks run in stages (row fields, then files), so entries arrive out of file order; the sort is stable.
+        return sorted(self.entries, key=lambda e: e[0])
+
+    @property
+    def skipped(self) -> dict[str, list]:
+        """reason -> the `where`s of its bad rows, in file order."""
+        out: dict[str, list] = {}
+        for _, reason, where, _ in self._in_file_order():
+            out.setdefault(reason, []).append(where)
+        return out
 
     @property
     def total(self) -> int:
-        """How many rows were skipped."""
-        return sum(len(v) for v in self.skipped.values())
+        """How many rows are bad."""
+        return len(self.entries)
 
-    def summary(self, first: int = 5) -> str:
-        """One line: counts per reason with the first few rows of each."""
+    @property
+    def noun(self) -> str:
+        """What one entry is ("row", "question"), for messages."""
+        return _NOUNS.get(self.item, self.item)
+
+    def listing(self, limit: int = MAX_LISTED) -> list[str]:
+        """The bad rows' messages in file order: the first `limit`, then "... and N more"."""
+        messages = [e[3] for e in self._in_file_order()]
+        return messages[:limit] + ([f"... and {len(messages) - limit} more"] if len(messages) > limit else [])
+
+    def check(self) -> None:
+        """Raises BadRows listing every bad row, unless there are none or `skip_bad` is on."""
+        if self.entries and not self.skip_bad:
+            raise BadRows([self])
+
+    def summary(self) -> str:
+        """"skipped N of M (source): counts per reason", then the skipped rows' messages in file order."""
         if not self.total:
             return f"skipped 0 of {self.seen} ({self.source})"
-        parts = []
-        for reason, where in sorted(self.skipped.items()):
-            shown = ", ".join(str(w) for w in where[:first]) + (", ..." if len(where) > first else "")
-            parts.append(f"{reason} {len(where)} ({self.item} {shown})")
-        return f"skipped {self.total} of {self.seen} ({self.source}): " + "; ".join(parts)
+        counts = ", ".join(f"{reason} {len(where)}" for reason, where in sorted(self.skipped.items()))
+        return "\n    ".join([f"skipped {self.total} of {self.seen} ({self.source}): {counts}"] + self.listing())
 
     def to_json(self) -> dict:
         """{"source", "seen", "total", "counts": {reason: n}, "<item>s": {reason: [...]}} for skipped.json."""
-        reasons = sorted(self.skipped)
+        skipped = self.skipped
+        reasons = sorted(skipped)
         return {"source": self.source, "seen": self.seen, "total": self.total,
-                "counts": {r: len(self.skipped[r]) for r in reasons},
-                f"{self.item}s": {r: list(self.skipped[r]) for r in reasons}}
+                "counts": {r: len(skipped[r]) for r in reasons},
+                f"{self.item}s": {r: skipped[r] for r in reasons}}
+
+
+class BadRows(ValueError):
+    """Every bad row of one or more files (a VQA build's splits), listed in file order in one error: one line for a
+    single bad row, else a first line counting them and one line each."""
+
+    def __init__(self, reports: list[SkipReport]):
+        self.reports = [r for r in reports if r.entries]
+        total = sum(r.total for r in self.reports)
+        noun = self.reports[0].noun if self.reports else "row"
+        if total == 1:
+            (message,) = self.reports[0].listing()
+            super().__init__(f"{message} (1 bad {noun}: fix it, or pass --skip_bad (skip_bad=True) to build "
+                             f"without it)")
+            return
+        where = self.reports[0].source if len(self.reports) == 1 else f"{len(self.reports)} files"
+        lines = [f"{total} bad {noun}s in {where}: fix them, or pass --skip_bad (skip_bad=True) to build without them"]
+        for report in self.reports:
+            if len(self.reports) > 1:
+                lines.append(f"  {report.source}: {report.total}")
+            lines += [f"  {message}" for message in report.listing()]
+        super().__init__("\n".join(lines))
 
 
 def check_image(path: str) -> None:
@@ -197,6 +252,13 @@ def sanitize_name(text: str) -> str:
     if not name:
         raise ValueError(f"cannot make a dataset name from {text!r}; pass name=...")
     return name if name[0].isalpha() else "d_" + name
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Prints (and logs) each build warning after the summary, where a user reading the output sees it."""
+    for warning in warnings:
+        logging.info("warning: %s", warning)  # info, as the summary: a warning would print it twice on a terminal
+        print(f"warning: {warning}")
 
 
 def write_json(path: str | os.PathLike, value) -> None:
@@ -392,16 +454,54 @@ class Plan:
     region_dim: int | None
     class_dim: int | None
     report: SkipReport
+    warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the build summary
 
 
-def holdout_images(images: list[str], eval_fraction: float) -> set[str]:
-    """The images held out as "validation": the round(eval_fraction * n) (1..n-1) with the smallest sha256."""
+DEFAULT_EVAL_FRACTION = 0.05
+MIN_EVAL_EXAMPLES = 10  # an evaluation split smaller than this gets a warning: its metrics mean little
+
+
+def check_holdout(eval_fraction: float, eval_count: int | None) -> None:
+    """Raises a one-line ValueError for a bad eval_fraction / eval_count or both given."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_count is None:
+        return
+    if isinstance(eval_count, bool) or not isinstance(eval_count, int) or eval_count < 0:
+        raise ValueError(f"eval_count must be an integer >= 0, got {eval_count!r}")
+    if eval_fraction != DEFAULT_EVAL_FRACTION:
+        raise ValueError(f"give --eval_count ({eval_count}) or --eval_fraction ({eval_fraction}), not both")
+
+
+def holdout_images(images: list[str], eval_fraction: float, eval_count: int | None = None,
+                   what: str = "images") -> set[str]:
+    """The images held out as "validation": the `eval_count` (default round(eval_fraction * n), 1..n-1) whose
+    sha256 is smallest; an eval_count that leaves nothing to train on is a ValueError."""
     n = len(images)
-    if n < 2 or eval_fraction <= 0:
+    if eval_count is not None:
+        if eval_count and eval_count >= n:
+            raise ValueError(f"eval_count={eval_count} leaves no {what} to train on (there are {n}); give at most "
+                             f"{n - 1}")
+        count = eval_count
+    elif n < 2 or eval_fraction <= 0:
         return set()
-    count = min(n - 1, max(1, round(eval_fraction * n)))
+    else:
+        count = min(n - 1, max(1, round(eval_fraction * n)))
     ranked = sorted(images, key=lambda p: (hashlib.sha256(p.encode("utf-8")).hexdigest(), p))
     return set(ranked[:count])
+
+
+def small_split_warnings(sizes: dict[str, int], unit: str, held_out: bool) -> list[str]:
+    """Warnings for the evaluation splits (all but "train") of fewer than MIN_EVAL_EXAMPLES `unit`s."""
+    warnings = []
+    for split, n in sizes.items():
+        if split == "train" or n >= MIN_EVAL_EXAMPLES:
+            continue
+        fix = ("hold out more with --eval_count=N" if held_out
+               else f"give more rows the split {split!r} (or drop the split column and use --eval_count=N)")
+        warnings.append(f"{split} split has {n} {unit}{'s' if n != 1 else ''}: retrieval metrics on it mean little "
+                        f"(R@k for k >= {n} is always 1.0; R@1 by chance: {1 / n:.2g}); {fix}")
+    return warnings
 
 
 def plan_image_text(config: "ImageTextConfig") -> Plan:
@@ -413,8 +513,7 @@ def plan_image_text(config: "ImageTextConfig") -> Plan:
         raise ValueError(f"image folder not found: {images}")
     if regions is not None and not os.path.isdir(regions):
         raise ValueError(f"regions folder not found: {regions}")
-    if not 0 <= config.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    check_holdout(config.eval_fraction, config.eval_count)
     report = SkipReport(source=annotations, skip_bad=config.skip_bad)
     rows = read_rows(annotations, report)
     # Ids come from every path a row names, before images are checked: skipping a file never renumbers the rest.
@@ -443,12 +542,17 @@ def plan_image_text(config: "ImageTextConfig") -> Plan:
             kept.append(row)
         else:
             report.bad(problem.reason, row.line, f"{annotations}, line {row.line}: {problem}")
+    report.check()  # every bad row at once, in file order (unless skipping them)
     if not kept:
         raise ValueError(f"{annotations}: no valid rows; {report.summary()}")
 
-    if all(r.split is None for r in kept):
-        held_out = holdout_images(sorted({r.image for r in kept}), config.eval_fraction)
+    held = all(r.split is None for r in kept)
+    if held:
+        held_out = holdout_images(sorted({r.image for r in kept}), config.eval_fraction, config.eval_count)
         split_of = lambda r: "validation" if r.image in held_out else "train"  # noqa: E731
+    elif config.eval_count is not None:
+        raise ValueError(f"{annotations}: rows name their splits, so nothing is held out; drop --eval_count or the "
+                         f"split column")
     else:
         split_of = lambda r: r.split or "train"  # noqa: E731
     captions: dict[str, dict[str, list[str]]] = {}
@@ -458,7 +562,8 @@ def plan_image_text(config: "ImageTextConfig") -> Plan:
         split: [{"image_id": image_ids[p], "image_path": p, "captions": by_image[p]}
                 for p in sorted(by_image, key=image_ids.__getitem__)]
         for split, by_image in sorted(captions.items())}
-    return Plan(examples=examples, region_dim=region_dim, class_dim=class_dim, report=report)
+    warnings = small_split_warnings({s: len(e) for s, e in examples.items()}, "image", held)
+    return Plan(examples=examples, region_dim=region_dim, class_dim=class_dim, report=report, warnings=warnings)
 
 
 # ----------------------------------------------------------------------------------------------- builder
@@ -471,7 +576,8 @@ class ImageTextConfig(tfds.core.BuilderConfig):
     annotations: str = ""
     images: str = ""
     regions: str | None = None
-    eval_fraction: float = 0.05
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_count: int | None = None  # hold out exactly this many images (instead of eval_fraction)
     skip_bad: bool = False
     tokenizer_vocab_size: int = 8000
 
@@ -542,27 +648,30 @@ class MmjaxImageText(LocalBuilder):
         summary = f"{self.name}/{config.name}: images per split: {counts}; {plan.report.summary()}"
         logging.info(summary)
         print(summary)
+        print_warnings(plan.warnings)
 
 
 def build_image_text(annotations: str, images: str, out_dir: str, *, name: str | None = None,
-                     regions: str | None = None, eval_fraction: float = 0.05, skip_bad: bool = False,
-                     tokenizer_vocab_size: int = 8000, file_format: str = "tfrecord",
-                     num_shards: int | None = None) -> str:
+                     regions: str | None = None, eval_fraction: float = DEFAULT_EVAL_FRACTION,
+                     eval_count: int | None = None, skip_bad: bool = False, tokenizer_vocab_size: int = 8000,
+                     file_format: str = "tfrecord", num_shards: int | None = None) -> str:
     """Builds (or rebuilds) the `mmjax_image_text/<name>` dataset under `out_dir`; returns the prepared directory.
 
-    `name` defaults to the annotation file's stem; see the module docstring for the file formats. `file_format`
+    `name` defaults to the annotation file's stem; see the module docstring for the file formats and the holdout
+    (`eval_fraction`, or exactly `eval_count` images; not both). `file_format`
     is "tfrecord" or "array_record" (random access: exact resume without re-reading); `num_shards` fixes the
     number of files per split (default: TFDS sizes them); every split needs at least that many examples.
     """
     if tokenizer_vocab_size < 0:
         raise ValueError(f"tokenizer_vocab_size must be >= 0, got {tokenizer_vocab_size}")
+    check_holdout(float(eval_fraction), eval_count)  # before tfds logs the config it is handed
     config = ImageTextConfig(
         name=sanitize_name(name or os.path.splitext(os.path.basename(annotations))[0]),
         description=f"captions: {os.path.abspath(annotations)}, images: {os.path.abspath(images)}"
                     + (f", regions: {os.path.abspath(regions)}" if regions else ""),
         annotations=os.path.abspath(annotations), images=os.path.abspath(images),
         regions=None if regions is None else os.path.abspath(regions), eval_fraction=float(eval_fraction),
-        skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
+        eval_count=eval_count, skip_bad=skip_bad, tokenizer_vocab_size=int(tokenizer_vocab_size))
     builder = MmjaxImageText(config=config, data_dir=out_dir, file_format=check_file_format(file_format))
     builder.plan()  # validate everything before tfds creates any directory
     return prepare(builder, num_shards=num_shards)

@@ -7,10 +7,23 @@ import sys
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 
-class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class OfflineMessages:
+    """TFDS prints "Downloading and preparing dataset Unknown size ..." before every build; ours download nothing,
+    so they log one line before and one after instead (a mixin for GeneratorBasedBuilder subclasses)."""
+
+    def _log_download_bytes(self) -> None:
+        logging.info("building dataset %s from local files into %s", self.info.full_name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("built dataset %s: %s", self.info.full_name,
+                     ", ".join(f"{name} {split.num_examples:,}" for name, split in self.info.splits.items()))
+
+
+class LocalBuilder(OfflineMessages, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A GeneratorBasedBuilder whose inputs are checked once, up front, by `plan()` (cached per builder)."""
 
     VERSION = tfds.core.Version("1.0.0")

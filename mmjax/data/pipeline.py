@@ -4,6 +4,7 @@ dataset (the embedded one included); what a dataset offers is described to the t
     data_config = embedded_data_config()              # or default_data_config() + data_config.sources.NAME = ...
     tokenizer = load_tokenizer(data_config)
     meta = dataset_meta(data_config, tokenizer)       # classes, prompts, attributes, regions, answers, vocab size
+    warnings = small_data_warnings(data_config, meta, 256, evals)  # (config.evals) splits too small to mean much
     it = train_iterator(data_config, tokenizer, global_batch_size=256, seed=0)
     batch = next(it)
 
@@ -49,7 +50,7 @@ import tensorflow as tf
 from absl import logging
 from ml_collections import config_dict
 
-from mmjax.data import easy_vqa_captions, sources
+from mmjax.data import easy_vqa_captions, image_text, sources
 from mmjax.data import vqa as _vqa  # noqa: F401  (registers the easy_vqa_questions builder with TFDS)
 from mmjax.data.tokenizer import Tokenizer
 
@@ -205,6 +206,93 @@ def dataset_meta(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer | 
                        vocab_size=None if tokenizer is None else tokenizer.vocab_size,
                        train_sources=tuple(key for key, _ in _sources(data_config)))
     return dataclasses.replace(meta, model_keys=tuple(batch_shapes(data_config, meta)))
+
+
+# ----------------------------------------------------------------------------------------------- small data
+
+# What one example of each kind is, for messages.
+_UNITS = {"image_text": "image", "image_label": "image", "vqa": "question", "audio_text": "clip",
+          "audio_image_text": "clip", "audio_label": "clip"}
+# Evaluator kinds that report recall@K (mmjax.evaluation.evaluators; their default ks, which that module can't
+# lend us: it imports this one).
+_RETRIEVAL_KINDS = ("retrieval", "itm_retrieval", "pair_retrieval")
+_DEFAULT_KS = (1, 5, 10)
+
+
+def _split_size(key: str, cfg: ml_collections.ConfigDict, meta: DatasetMeta, split: str) -> int | None:
+    """Examples in `split` of source `key`, from the dataset's info (no reading); None if it can't tell."""
+    sizes = meta.sources[key].splits
+    if split in sizes:
+        return sizes[split]
+    try:  # a slice ("train[:90%]"): TFDS sizes it from the info too
+        return int(sources.open_source(key, cfg).info.splits[split].num_examples)
+    except (KeyError, ValueError, AssertionError):
+        return None
+
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}{'' if n == 1 else 's'}"
+
+
+def small_data_warnings(data_config: ml_collections.ConfigDict, meta: DatasetMeta, batch_size: int,
+                        evals: ml_collections.ConfigDict | dict | None = None) -> list[str]:
+    """Warnings (one line each) when the train splits hold fewer examples than a batch, or an evaluated split is too
+    small for its metrics; `evals` is config.evals (without it: the default eval source's split). Reads only the
+    datasets' info (split sizes), no examples."""
+    warnings = []
+    train = [(key, data_config.sources[key]) for key in (meta.train_sources or meta.sources)
+             if key in data_config.sources and float(data_config.sources[key].weight) > 0]
+    sizes = [(key, _split_size(key, cfg, meta, cfg.train_split), _UNITS.get(cfg.kind, "example"))
+             for key, cfg in train]
+    total = sum(n for _, n, _ in sizes if n is not None)
+    if sizes and all(n is not None for _, n, _ in sizes) and total < batch_size:
+        units = {unit for _, _, unit in sizes}
+        unit = units.pop() if len(units) == 1 else "example"
+        if len(sizes) == 1:
+            where = f"train split ({data_config.sources[sizes[0][0]].train_split} of data.sources.{sizes[0][0]}) has"
+        else:
+            where = "train splits (" + ", ".join(f"data.sources.{k} {n}" for k, n, _ in sizes) + ") have"
+        if total == 0:
+            warnings.append(f"the {where} no examples; check data.sources")
+        else:
+            # A batch of B drawn from N < B items holds each ~B / N times: a contrastive loss then has that many
+            # equally good columns per row, so it cannot go below ln(B / N).
+            repeats = batch_size / total
+            warnings.append(f"the {where} {_plural(total, unit)} < batch {batch_size}: each batch repeats "
+                            f"{unit}s ~{repeats:.3g}x; a contrastive loss cannot fall below ln {repeats:.3g} = "
+                            f"{np.log(repeats):.2f}; lower --config.train.batch_size (to at most {total})")
+    if evals is None:  # the default evaluation split, whatever evaluates it
+        checks = [("evaluation", None, {}, meta.eval_source, None)]
+    else:
+        checks = [(f"evals.{name}", cfg.get("kind"), cfg, (cfg.get("data") or {}).get("source") or meta.eval_source,
+                   (cfg.get("data") or {}).get("split")) for name, cfg in evals.items()]
+    for what, kind, cfg, key, split in checks:
+        if key not in meta.sources:
+            continue  # building the evaluator reports the unknown source
+        source_cfg = source_config_of(data_config, key)
+        split = split or source_cfg.eval_split
+        n = _split_size(key, source_cfg, meta, split)
+        if n is None:
+            continue
+        unit = _UNITS.get(source_cfg.kind, "example")
+        where = f"{what}: the {split} split of data.sources.{key} has {_plural(n, unit)}"
+        fix = "hold out more (python -m mmjax.data.build ... --eval_count=N) or evaluate on a larger split"
+        if n == 0:
+            warnings.append(f"{what}: the {split} split of data.sources.{key} is empty; {fix}")
+            continue
+        if kind in _RETRIEVAL_KINDS:
+            if kind == "itm_retrieval" and cfg.get("max_images"):
+                n = min(n, int(cfg.get("max_images")))
+            dropped = [k for k in tuple(cfg.get("ks") or _DEFAULT_KS) if k >= n]
+            if dropped:
+                shown = ", ".join(f"R@{k}" for k in dropped)
+                warnings.append(f"{where}: {shown} over {_plural(n, 'candidate')} would always be 1.0 and are not "
+                                f"reported (R@1 by chance: {1 / n:.2g}); {fix}")
+                continue
+        if n < image_text.MIN_EVAL_EXAMPLES:  # the build warns at the same size
+            warnings.append(f"{where}: its metrics move in steps of {1 / n:.2g} and mean little"
+                            + (f" (R@1 by chance: {1 / n:.2g})" if kind in _RETRIEVAL_KINDS else "") + f"; {fix}")
+    return warnings
 
 
 # Batch keys each modality gives a model, as ShapeDtypeStructs: fn(data_config, meta, batch_size) -> {key: shape}.

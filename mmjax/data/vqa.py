@@ -48,11 +48,13 @@ question about it):
 * `answer_ids` Sequence(int32) and `answer_scores` Sequence(float32): parallel, the distinct in-vocabulary
   answers in class-id order and their soft scores.
 
-Bad input raises a ValueError naming the file, question_id, image_id and offending value: missing / corrupt /
-unsupported image, question without annotation, malformed question or annotation entry (missing key, wrong type,
-duplicate question_id, image_id disagreeing with the question's); an unreadable json file or one without its
-"questions" / "annotations" list, and an empty split, always raise. `skip_bad=True` skips bad questions instead,
-counted per reason per split, summarised (logged and printed) and written to `skipped.json` as
+Bad questions of every split are listed in one ValueError (as image_text does: its first line counts them, then
+the first 20 per split in file order, the questions file's before the annotations'), each naming the file,
+question_id, image_id and offending value: missing / corrupt / unsupported image, question without annotation,
+malformed question or annotation entry (missing key, wrong type, duplicate question_id, image_id disagreeing with
+the question's); an unreadable json file or one without its "questions" / "annotations" list, and an empty split,
+always raise. `skip_bad=True` skips bad questions instead, counted per reason per split, listed the same way in the
+summary (logged and printed) and written to `skipped.json` as
 {split: {"counts": {reason: n}, "question_ids": {reason: [...]}, ...}} (an entry without an integer question_id
 is listed as "questions[i]" / "annotations[i]", its 0-based position).
 
@@ -172,6 +174,8 @@ def plan_split(split: str, files: dict, skip_bad: bool) -> SplitPlan:
     report = it.SkipReport(source=questions_path, skip_bad=skip_bad, item="question_id")
 
     by_qid: dict[int, dict] = {}
+    # Bad entries are listed in file order: the questions file's (by question position), then the annotations'.
+    position: dict[int, tuple[int, int]] = {}  # question_id -> (0, its index in the questions file)
     for index, q in enumerate(questions):
         report.seen += 1
         where = _where(q, "questions", index)
@@ -179,16 +183,17 @@ def plan_split(split: str, files: dict, skip_bad: bool) -> SplitPlan:
               and isinstance(q.get("question"), str) and q["question"].strip())
         if not ok:
             report.bad("bad_question", where, f"{questions_path}: questions[{index}] needs an int question_id, an "
-                                              f"int image_id and a non-empty question string, got {q!r}")
+                                              f"int image_id and a non-empty question string, got {q!r}", (0, index))
         elif q["question_id"] in by_qid:
             report.bad("bad_question", where, f"{questions_path}: questions[{index}]: duplicate question_id "
-                                              f"{q['question_id']}")
+                                              f"{q['question_id']}", (0, index))
         else:
             by_qid[q["question_id"]] = {"question_id": q["question_id"], "image_id": q["image_id"],
                                         "question": q["question"].strip()}
+            position[q["question_id"]] = (0, index)
 
     if annotations_path is not None:
-        by_qid = _attach_answers(by_qid, annotations_path, questions_path, report)
+        by_qid = _attach_answers(by_qid, annotations_path, questions_path, report, position)
 
     if "{coco_split}" in pattern and not isinstance(data.get("data_subtype"), str):
         raise ValueError(f"{questions_path} has no 'data_subtype' for the image pattern {pattern!r}; pass "
@@ -210,16 +215,18 @@ def plan_split(split: str, files: dict, skip_bad: bool) -> SplitPlan:
         problem = problems[ex["image_id"]]
         if problem is not None:
             report.bad(problem.reason, ex["question_id"], f"{questions_path}: question_id {ex['question_id']} "
-                                                          f"(image_id {ex['image_id']}): {problem}")
+                                                          f"(image_id {ex['image_id']}): {problem}",
+                       position[ex["question_id"]])
         else:
             examples.append(dict(ex, image=paths[ex["image_id"]]))
+    report.check()  # every bad question at once, in file order (unless skipping them)
     if not examples:
         raise ValueError(f"split {split!r}: no valid questions; {report.summary()}")
     return SplitPlan(examples=examples, has_answers=annotations_path is not None, report=report)
 
 
 def _attach_answers(by_qid: dict[int, dict], annotations_path: str, questions_path: str,
-                    report: it.SkipReport) -> dict[int, dict]:
+                    report: it.SkipReport, position: dict[int, tuple[int, int]]) -> dict[int, dict]:
     """The questions that have a valid annotation, with their normalised `answers`; the rest go to `report`."""
     _, annotations = _load_json_list(annotations_path, "annotations")
     answers: dict[int, list[str]] = {}
@@ -235,15 +242,15 @@ def _attach_answers(by_qid: dict[int, dict], annotations_path: str, questions_pa
         if not ok:
             report.bad("bad_annotation", _where(a, "annotations", index),
                        f"{prefix} needs an int question_id, an int image_id and a non-empty 'answers' list of "
-                       f"{{'answer': str}}, got {json.dumps(a)[:300]}")
+                       f"{{'answer': str}}, got {json.dumps(a)[:300]}", (1, index))
             if _is_int(qid):
                 bad.add(qid)
         elif qid in answers:
-            report.bad("bad_annotation", qid, f"{prefix}: second annotation for question_id {qid}")
+            report.bad("bad_annotation", qid, f"{prefix}: second annotation for question_id {qid}", (1, index))
             bad.add(qid)
         elif a["image_id"] != by_qid[qid]["image_id"]:
             report.bad("bad_annotation", qid, f"{prefix}: question_id {qid} has image_id {a['image_id']}, its "
-                                              f"question has image_id {by_qid[qid]['image_id']}")
+                                              f"question has image_id {by_qid[qid]['image_id']}", (1, index))
             bad.add(qid)
         else:
             answers[qid] = dict(answers=[normalize_answer(x["answer"]) for x in a["answers"]],
@@ -256,7 +263,8 @@ def _attach_answers(by_qid: dict[int, dict], annotations_path: str, questions_pa
             continue  # already reported
         if qid not in answers:
             report.bad("missing_annotation", qid, f"{questions_path}: question_id {qid} (image_id "
-                                                  f"{ex['image_id']}) has no annotation in {annotations_path}")
+                                                  f"{ex['image_id']}) has no annotation in {annotations_path}",
+                       position[qid])
         else:
             kept[qid] = dict(ex, **answers[qid])
     return kept
@@ -291,7 +299,14 @@ def plan_vqa(config: VqaConfig) -> Plan:
     for split in config.splits:
         if not re.match(r"^[A-Za-z0-9_]+$", split) or split.lower() == "all":
             raise ValueError(f"bad split name {split!r} (letters, digits and _; not 'all')")
-    splits = {split: plan_split(split, files, config.skip_bad) for split, files in config.splits.items()}
+    splits, bad = {}, []
+    for split, files in config.splits.items():
+        try:
+            splits[split] = plan_split(split, files, config.skip_bad)
+        except it.BadRows as e:  # planned on: one error lists the bad questions of every split
+            bad += e.reports
+    if bad:
+        raise it.BadRows(bad)
     if config.answer_vocab:
         vocab = load_answer_vocab(config.answer_vocab)
     elif "train" in splits and splits["train"].has_answers:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import textwrap
 from typing import Sequence
 
@@ -28,12 +30,55 @@ class Sample:
     correct: float      # the prediction's score (e.g. its VQA accuracy)
 
 
+# Metric names (after the evaluator's "name/") that count things: printed as integers, listed after the scores.
+COUNT_NAMES = ("unanswerable", "step", "steps", "epoch", "examples", "count")
+_NUMBER = re.compile(r"(\d+)")
+
+
+def is_count(name: str) -> bool:
+    """Whether metric `name` ("evaluator/metric" or "metric") counts things (num_images, unanswerable, ...)."""
+    base = name.rpartition("/")[2]
+    return base.startswith("num_") or base.endswith("_count") or base in COUNT_NAMES
+
+
+def _natural(text: str) -> tuple:
+    """Sort key with the numbers in a name compared as numbers: r@1 < r@1_chance < r@5 < r@10."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+                 for part in _NUMBER.split(text) if part)
+
+
+def ordered(metrics: dict[str, float]) -> list[tuple[str, float]]:
+    """(name, value) grouped by evaluator in the order the dict has them (config order, for the trainer's and
+    mmjax.evaluate's metrics), each group's scores in natural order (R@1, R@5, R@10), then its counts."""
+    groups: dict[str, list[str]] = {}
+    for key in metrics:
+        groups.setdefault(key.rpartition("/")[0], []).append(key)
+    out = []
+    for keys in groups.values():
+        keys.sort(key=lambda k: (is_count(k), _natural(k.rpartition("/")[2]), k))
+        out += [(k, metrics[k]) for k in keys]
+    return out
+
+
+def format_value(name: str, value: float) -> str:
+    """A metric as printed: counts as integers ("1000"), other values with 4 decimals ("0.8125"; 4 significant
+    digits below 0.001, where 4 decimals would show 0.0000; 1 decimal from 10,000 up)."""
+    value = float(value)
+    if is_count(name) and value.is_integer():
+        return str(int(value))
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.4g}"
+    return f"{value:.1f}" if abs(value) >= 1e4 else f"{value:.4f}"
+
+
 def metrics_table(metrics: dict[str, float]) -> str:
-    """A markdown table of the metrics, grouped by evaluator ("name/metric")."""
-    lines = ["| evaluator | metric | value |", "|---|---|---|"]
-    for key in sorted(metrics):
+    """A markdown table of the metrics, grouped by evaluator ("name/metric"), in `ordered` order."""
+    lines = ["| evaluator | metric | value |", "|---|---|---:|"]
+    for key, value in ordered(metrics):
         name, _, metric = key.rpartition("/")
-        lines.append(f"| {name or '-'} | {metric} | {metrics[key]:.4f} |")
+        lines.append(f"| {name or '-'} | {metric} | {format_value(key, value)} |")
     return "\n".join(lines)
 
 
@@ -50,8 +95,7 @@ def plot_curves(metrics_jsonl: str, path: str) -> bool:
     evals = [r for r in records if r["kind"] == "eval"]
     if not train:
         return False
-    names = sorted({k for r in evals for k in r if "/" in k and not k.endswith(("num_examples", "num_questions",
-                                                                                 "num_images", "num_texts"))})
+    names = sorted({k for r in evals for k in r if "/" in k and not is_count(k)})
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     axes[0].set(title="training loss", xlabel="step")
