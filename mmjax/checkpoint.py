@@ -193,5 +193,7 @@ def save_run_files(workdir: str, *, tokenizer: Any = None, answer_vocab: Any = N
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """Reads the config saved by `save_config` (for evaluation or inspection of a run)."""
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise ValueError(f"{workdir} is not a training run: it has no config.json")
     with open(os.path.join(workdir, "config.json")) as f:
         return ml_collections.ConfigDict(json.load(f))

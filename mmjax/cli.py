@@ -86,6 +86,19 @@ def config_error(argv: Sequence[str], error: Exception) -> str:
     return message
 
 
+def config_flag(name: str = "config") -> Any:
+    """The ConfigDict of a config_flags flag (None when not given), loaded now: a missing file or an error inside
+    get_config is one line instead of config_flags' traceback."""
+    try:
+        config = flags.FLAGS[name].value
+        if config is not None:
+            config.keys()  # config_flags may load the file only when the config is first read
+        return config
+    except Exception as e:  # config_flags wraps a missing file or a get_config error with its traceback text
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        fail(f"--{name}: {lines[-1] if lines else type(e).__name__}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing in which a config error (unknown field, bad value, missing file) is one line."""
     try:

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
     cli_logging.quiet_foreign_info()
     workdir = flags.FLAGS.workdir
     try:
-        config = flags.FLAGS.config
+        config = cli.config_flag()
         if config is None:
             if not workdir:
                 raise ValueError("give --workdir (a training run) or --config")

@@ -187,15 +187,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     #    A rerun may change harmless fields (run length, logging, eval frequency: recorded in config_history.jsonl),
     #    never the model's shapes or the meaning of its inputs.
     workdir = check_workdir(workdir)
+    lock = reliability.WorkdirLock(workdir, process_index=jax.process_index())
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     latest = ckpt.latest_step()
-    changes = check_resume(config, workdir, tokenizer, checkpointed=latest is not None)
+    try:
+        changes = check_resume(config, workdir, tokenizer, checkpointed=latest is not None)
+    except ValueError:
+        lock.release()
+        raise
     if latest is not None and latest >= config.train.steps:
         ckpt.close()
+        lock.release()
         logging.info("already at step %d (train.steps=%d): nothing to do; raise --config.train.steps to train on",
                      latest, config.train.steps)
         return last_eval(workdir)
-    lock = reliability.WorkdirLock(workdir, process_index=jax.process_index())
     state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
     state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"), meta.answer_vocab,
                                            tokenizer)
@@ -280,13 +285,7 @@ def main(argv: list[str]) -> None:
     del argv
     cli_logging.quiet_foreign_info()
     started = time.perf_counter()
-    try:
-        config = _CONFIG.value
-        if config is not None:
-            config.keys()  # config_flags may load the file only when the config is first read
-    except Exception as e:  # a missing file or a get_config error: config_flags wraps it with its traceback text
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        cli.fail(f"--config: {lines[-1] if lines else type(e).__name__}")
+    config = cli.config_flag()
     if config is None:
         cli.fail("--config is required, e.g. --config=configs/clip.py")
     try:

@@ -10,6 +10,7 @@ import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -18,39 +19,35 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 @contextlib.contextmanager
 def _building(data_dir: str):
-    """Hold an exclusive lock on data_dir while building into it: pytest-xdist workers (`pytest -n 2`) sharing
-    MMJAX_TEST_DATA_DIR must not prepare the same dataset at once (each otherwise builds into its own temp dir)."""
+    """Hold an exclusive lock on data_dir while building into it: pytest-xdist workers share it (one builds, the
+    others wait and then find it built)."""
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(data_dir, ".mmjax_test_build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
-# Session fixtures that take long to build: the tests using one run on one pytest-xdist worker (`pytest -n 2
-# --dist loadgroup`), so each is built once per test run rather than once per worker.
-WORKER_GROUPS = {"vqa_data_dir": "easy_vqa_questions", "tiny_run": "tiny_runs"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Marks each test that uses a fixture of WORKER_GROUPS with that fixture's xdist_group."""
-    del config
-    for item in items:
-        for fixture, group in WORKER_GROUPS.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
+def _shared_dir(tmp_path_factory, name: str) -> str:
+    """A directory of this test run that every pytest-xdist worker sees (`pytest -n 2`: the run's base temp dir,
+    above each worker's own), so what a session fixture builds there is built once per run, under `_building`."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
 def embedded_data_dir(tmp_path_factory) -> str:
     """A TFDS data_dir holding the prepared easy_vqa_captions dataset (+ its tokenizer.json).
 
-    Built once per test session into a temporary directory (~15 s). Set MMJAX_TEST_DATA_DIR to build into / reuse
+    Built once per test run into a temporary directory (~15 s). Set MMJAX_TEST_DATA_DIR to build into / reuse
     a fixed directory instead (faster repeated local runs).
     """
     from mmjax.data import easy_vqa_captions, sources  # pylint: disable=import-outside-toplevel
 
-    data_dir = os.environ.get("MMJAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    data_dir = os.environ.get("MMJAX_TEST_DATA_DIR") or _shared_dir(tmp_path_factory, "tfds")
     with _building(data_dir):
         sources.open_source("easy_vqa", easy_vqa_captions.source_config(data_dir=data_dir))
     return data_dir
@@ -96,13 +93,14 @@ def load_config(embedded_data_dir):
 def tiny_run(load_config, tmp_path_factory):
     """tiny_run("clip.py") -> (workdir, config): a 2-step run of that config as a user starts it, shrunk to seconds
     (one-layer towers, batch 16 from the first 64 training examples, no evaluators, the last step checkpointed),
-    trained once per session; the config is as loaded (before the trainer resolved its data-dependent fields).
-    Tests only read the workdir; copy it to change it."""
+    trained once per test run (by whichever worker asks first); the config is as loaded (before the trainer
+    resolved its data-dependent fields). Tests only read the workdir; copy it to change it."""
     import copy  # pylint: disable=import-outside-toplevel
 
     from mmjax import train as trainer  # pylint: disable=import-outside-toplevel
 
     runs = {}
+    shared = _shared_dir(tmp_path_factory, "tiny_runs")
 
     def get(filename: str):
         if filename not in runs:
@@ -117,9 +115,13 @@ def tiny_run(load_config, tmp_path_factory):
             c.optimizer.warmup_steps = 1
             c.checkpoint.update(dict(every_steps=1000, async_save=False))  # the final step is always saved
             c.evals = {}
-            workdir = str(tmp_path_factory.mktemp(filename.replace(".py", "_run")))
+            workdir = os.path.join(shared, filename.replace(".py", "_run"))
             runs[filename] = workdir, copy.deepcopy(c)
-            trainer.train_and_evaluate(c, workdir)
+            with _building(shared):
+                if not os.path.exists(os.path.join(workdir, "trained")):
+                    shutil.rmtree(workdir, ignore_errors=True)  # a worker that died mid-training left it
+                    trainer.train_and_evaluate(c, workdir)
+                    open(os.path.join(workdir, "trained"), "w").close()
         return runs[filename]
 
     return get
@@ -129,8 +131,6 @@ def tiny_run(load_config, tmp_path_factory):
 def spoken_data_dir(embedded_data_dir) -> str:
     """A TFDS data_dir holding spoken_easy_vqa/tiny (96 train / 48 test images spoken by espeak-ng, ~10 s to
     build; reused from MMJAX_TEST_DATA_DIR when set). Skips, saying why, where espeak-ng is not installed."""
-    import shutil  # pylint: disable=import-outside-toplevel
-
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the spoken-caption tests need it")
     from mmjax.data import sources, spoken_captions  # pylint: disable=import-outside-toplevel

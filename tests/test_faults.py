@@ -148,6 +148,7 @@ def test_a_changed_model_on_resume_names_the_parameters_and_shapes(tiny_config, 
                                          r"--workdir"):
         trainer.train_and_evaluate(tiny_config, workdir)
     os.remove(os.path.join(workdir, "config.json"))
+    tiny_config.train.steps = 20  # a run to continue (one at its last step has nothing to restore)
     with pytest.raises(ValueError, match=r"does not fit this model \(9 differences: "
                                          r"params/image_encoder/encoder/layer_0/mlp/fc1/bias: \(64,\) in the "
                                          r"checkpoint vs \(128,\) now") as refused:

@@ -157,7 +157,8 @@ def test_vilt_scores_pairs_with_its_itm_head(tiny_run, images):
     logits = jax.jit(lambda p, b: model.apply({"params": p}, b)["itm_logits"])(ckpt.params, {
         "image": pixels[image_of], "text_ids": ids[text_of], "text_mask": mask[text_of]})
     direct = np.asarray(jax.nn.softmax(logits, -1))[:, 1].reshape(N_IMAGES, len(texts))
-    np.testing.assert_allclose(np.asarray(result["scores"]), direct, atol=1e-5)
+    # Batches of 8 padded pairs against all 12 at once: XLA's float32 sums run in another order (seen: 2e-5).
+    np.testing.assert_allclose(np.asarray(result["scores"]), direct, atol=1e-4)
     assert result["probabilities"] is None and result["model"]["score"].startswith("ITM match probability")
     best = [r["score"] for r in result["ranking"]]
     assert best == sorted(best, reverse=True) and best[0] == pytest.approx(direct.max(), abs=1e-5)

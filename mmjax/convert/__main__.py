@@ -15,6 +15,8 @@ from typing import Any
 
 from absl import app, flags
 
+from mmjax import cli
+
 
 def _define_flags() -> None:
     """CLI flags, defined only when run as a program (mmjax.train defines --workdir too)."""
@@ -120,4 +122,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
