@@ -25,8 +25,9 @@ so when --threads is below the CPU count the process is pinned (sched_setaffinit
 is imported; both frameworks then use the same cores. XLA_FLAGS is left as the environment sets it (default:
 unset) and recorded in the JSON.
 
-Known model differences (small next to the matmuls): HF's ViT patch conv has no bias and HF adds a pre-LayerNorm
-(ours: patch bias, no ln_pre); HF's vision LayerNorm eps is set to ours (1e-6); text pooling is at the same (last
+Known model differences (small next to the matmuls): HF's ViT patch conv has no bias (ours has one; configs/clip.py
+now has HF's pre-LayerNorm too, ln_pre=True, since the results in experiments/results/bench_clip_step.json were
+taken without it); HF's vision LayerNorm eps is set to ours (1e-6); text pooling is at the same (last
 real, eos) token in both. Our step also computes grad/param norms and an in-batch accuracy for its metrics.
 """
 

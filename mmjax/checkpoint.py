@@ -191,6 +191,26 @@ def save_run_files(workdir: str, *, tokenizer: Any = None, answer_vocab: Any = N
         os.replace(tmp, os.path.join(workdir, "answer_vocab.json"))
 
 
+def restore_params(directory: str, step: int) -> Any:
+    """The params of checkpoint `step` under `directory` (a run's checkpoints/) as host numpy arrays, whatever
+    device count or mesh the run used; the optimizer state stays on disk."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        # A restore without a target fails on another device count ("topology mismatch"): name every params leaf
+        # as a host numpy array instead.
+        tree = manager.item_metadata(step)
+        params = getattr(tree, "tree", tree)["params"]
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)}
+        args = {"params": jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), params)}
+        state = manager.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True))
+    finally:
+        manager.close()
+    return state["params"]
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """Reads the config saved by `save_config` (for evaluation or inspection of a run)."""
     if not os.path.isfile(os.path.join(workdir, "config.json")):

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
+from mmjax import checkpoint
 from mmjax.optim import path_str
 
 PARAMS_DIR = "params"  # orbax params of a converted model inside an `mmjax.convert --out` directory
@@ -81,8 +82,8 @@ def load_checkpoint(path: str, step: int | None = None) -> Checkpoint:
         if step is not None and step not in steps:
             raise ValueError(f"init_from.step={step}: {path} has checkpoints at steps {sorted(steps)}")
         step = max(steps) if step is None else step
-        state = manager.restore(step, args=ocp.args.StandardRestore())
         manager.close()
+        params = checkpoint.restore_params(os.path.join(path, RUN_CHECKPOINTS), step)  # any device count
         with open(os.path.join(path, CONFIG_FILE)) as f:
             model_config = json.load(f)["model"]
         vocab = None
@@ -90,7 +91,7 @@ def load_checkpoint(path: str, step: int | None = None) -> Checkpoint:
             with open(os.path.join(path, ANSWER_VOCAB_FILE), encoding="utf-8") as f:
                 vocab = json.load(f)
         tokenizer = os.path.join(path, "tokenizer.json")
-        return Checkpoint(jax.tree.map(np.asarray, state["params"]), model_config, "run", step, vocab,
+        return Checkpoint(params, model_config, "run", step, vocab,
                           tokenizer if os.path.exists(tokenizer) else None)
     if step is not None:
         raise ValueError(f"init_from.step={step} needs a training workdir; {path} is not one")

@@ -195,17 +195,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     except ValueError:
         lock.release()
         raise
-    if latest is not None and latest >= config.train.steps:
-        ckpt.close()
-        lock.release()
-        logging.info("already at step %d (train.steps=%d): nothing to do; raise --config.train.steps to train on",
-                     latest, config.train.steps)
-        return last_eval(workdir)
     state, shardings = state_lib.create_train_state(model, batch_shapes, tx, mesh, rules, config.seed, boxed)
     state, how = state_lib.restore_or_init(state, shardings, ckpt, config.get("init_from"), meta.answer_vocab,
                                            tokenizer)
     logging.info("%s", how)
     start_step = int(state["step"])
+    if start_step >= config.train.steps:
+        ckpt.close()
+        lock.release()
+        logging.info("already at step %d (train.steps=%d): nothing to do; raise --config.train.steps to train on",
+                     start_step, config.train.steps)
+        return last_eval(workdir)
     if jax.process_index() == 0:
         if changes:
             run_config.record(workdir, start_step, changes)
@@ -237,10 +237,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                 logging.info("compiling the train step (once per run; seconds to minutes)")
                 compiled = step_fn.lower(state, batch, rng).compile()
                 flops = step_flops(compiled) or 0.0
+                t_last = time.perf_counter()  # keep compile time out of the first throughput and ETA
             state, metrics = compiled(state, batch, rng)
             stopping = signals.requested(ckpt.manager, step)
             saving = stopping or step == last or ckpt.due(step)
-            logging_step = step % log_every == 0 or step == last or step == start_step + 1
+            recorded = step % log_every == 0 or step == last  # metrics.jsonl keeps the log_every grid
+            logging_step = recorded or step == start_step + 1  # the console also shows the first step
             if saving or logging_step:  # the host looks at the metrics (and so waits for the step) here
                 metrics = jax.device_get(metrics)
                 reliability.check_finite(metrics, step, ckpt.latest_step())
@@ -251,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                 t_last, step_last = now, step
                 metrics.update(examples_per_s=steps_per_s * config.train.batch_size,
                                device_flops_per_s=steps_per_s * flops)
-                writer.write(step, "train", metrics)
+                if recorded:
+                    writer.write(step, "train", metrics)
                 logging.info("%s", console_line(step, last, metrics, (last - step) / max(steps_per_s, 1e-9)))
 
             due = {name: ev for name, ev in evaluators.items() if step % ev.every_steps == 0 or step == last}
@@ -274,7 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
 
 def finished_line(workdir: str, metrics: dict, seconds: float) -> str:
     """The run's last line: wall time, the last evaluation and where the results are."""
-    shown = "  ".join(f"{k} {report.format_value(k, v)}" for k, v in report.ordered(metrics)[:6])
+    shown, per_evaluator = [], {}
+    for name, value in report.ordered(metrics):  # the first three results of each evaluator; no chance or counts
+        evaluator, _, metric = name.rpartition("/")
+        if "chance" in metric or metric.startswith("num_") or per_evaluator.get(evaluator, 0) >= 3:
+            continue
+        per_evaluator[evaluator] = per_evaluator.get(evaluator, 0) + 1
+        shown.append(f"{name} {report.format_value(name, value)}")
+    shown = "  ".join(shown)
     return (f"done in {datetime.timedelta(seconds=round(seconds))}; last eval: {shown or 'none'}; results in "
             f"{workdir} (metrics.jsonl, checkpoints/; `python -m mmjax.evaluate --workdir={workdir}` writes a report, "
             f"`tensorboard --logdir={workdir}` shows the curves)")

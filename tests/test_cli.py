@@ -148,6 +148,8 @@ def test_console_lines():
              "retrieval/num_images": 1000.0}
     assert trainer.eval_line(7, evals) == ("eval step 7: retrieval/i2t_r@1 0.5000  retrieval/i2t_r@5 0.8000  "
                                            "retrieval/i2t_r@10 0.9000  retrieval/num_images 1000")
-    done = trainer.finished_line("/tmp/run", evals, 3725.2)
-    assert done.startswith("done in 1:02:05; last eval: retrieval/i2t_r@1 0.5000") and "results in /tmp/run" in done
+    done = trainer.finished_line("/tmp/run", dict(evals, **{"retrieval/t2i_r@1": 0.6, "retrieval/i2t_r@1_chance": 0.1,
+                                                            "zero_shot/accuracy": 0.95}), 3725.2)
+    assert done.startswith("done in 1:02:05; last eval: retrieval/i2t_r@1 0.5000  retrieval/i2t_r@5 0.8000  "
+                           "retrieval/i2t_r@10 0.9000  zero_shot/accuracy 0.9500; results in /tmp/run"), done
     assert "tensorboard --logdir=/tmp/run" in done

@@ -31,7 +31,7 @@ TEXTS = ["A red circle.", "the QUIXOTIC  blue\tsquare", "", "a green triangle on
 def _convert(workdir: str, hf_out: str) -> subprocess.CompletedProcess:
     """The convert CLI as a user runs it, on one CPU device: the runs here train on conftest's 8."""
     env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                                            os.environ.get("XLA_FLAGS", "")))
+                                            os.environ.get("XLA_FLAGS", "")).strip())
     return subprocess.run([sys.executable, "-m", "mmjax.convert", f"--workdir={workdir}", f"--hf_out={hf_out}"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 

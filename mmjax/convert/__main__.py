@@ -37,8 +37,6 @@ def hf_to_mmjax(hf_dir: str, out_dir: str) -> dict:
 
 def restore_params(workdir: str) -> tuple[Any, int]:
     """(params as numpy arrays, step) of a workdir's latest checkpoint, whatever device count the run used."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -51,15 +49,10 @@ def restore_params(workdir: str) -> tuple[Any, int]:
         raise ValueError(f"no checkpoint in {directory}: the run has not saved one yet (it saves every "
                          "checkpoint.every_steps steps and at its last)")
     step = max(steps)
-    # A restore without a target fails on another device count ("topology mismatch"): name every params leaf as a
-    # host numpy array instead, and leave the optimizer state on disk.
-    tree = manager.item_metadata(step)
-    params = getattr(tree, "tree", tree)["params"]
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)}
-    args = {"params": jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), params)}
-    state = manager.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True))
     manager.close()
-    return state["params"], step
+    from mmjax import checkpoint  # pylint: disable=import-outside-toplevel
+
+    return checkpoint.restore_params(directory, step), step
 
 
 def mmjax_to_hf(workdir: str, hf_dir: str) -> list[str]:
