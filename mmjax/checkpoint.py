@@ -10,6 +10,7 @@ step whose files were damaged later is reported and skipped for the newest step 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import shutil
 from typing import Any
@@ -55,14 +56,17 @@ class Checkpointer:
     def shape_mismatches(self, abstract_state: Any, step: int) -> list[str]:
         """Where checkpoint `step`'s tree differs from `abstract_state`'s: "path: shape in the checkpoint vs now",
         missing and extra leaves ([] when they agree or its metadata cannot be read)."""
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity(logging.ERROR)  # orbax warns that the item has no checkpoint-level metadata file
+        def errors_only(record: std_logging.LogRecord) -> bool:
+            return record.levelno >= std_logging.ERROR
+
+        absl_logger = logging.get_absl_logger()
+        absl_logger.addFilter(errors_only)  # orbax warns that the item has no checkpoint-level metadata file
         try:
             meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "default"))
         except Exception:  # unreadable metadata: the restore itself will say what is wrong
             return []
         finally:
-            logging.set_verbosity(verbosity)
+            absl_logger.removeFilter(errors_only)
         tree = getattr(meta, "item_metadata", meta)
         saved = _shapes(getattr(tree, "tree", tree))
         wanted = _shapes(abstract_state)
