@@ -14,6 +14,20 @@ from typing import Any, NoReturn, Sequence
 from absl import flags
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")  # what --images folders are searched for
+
+
+def list_images(folder: str) -> list[str]:
+    """Every image file under `folder` (recursively), sorted; an empty or missing folder is an error."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--images={folder!r} is not a directory")
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}")
+    return paths
+
+
 def fail(message: str, status: int = 2) -> NoReturn:
     """Prints `error: message` on stderr and exits (status 2: bad input)."""
     print(f"error: {message}", file=sys.stderr)

@@ -25,7 +25,7 @@ from mmjax.data import pipeline, preprocess
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models import build_model
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
+IMAGE_SUFFIXES = cli.IMAGE_SUFFIXES
 
 
 def define_flags() -> None:
@@ -43,17 +43,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_len", None, "Caption length in tokens, start token included (default: the run's).")
     flags.DEFINE_integer("batch_size", 64, "Images decoded at once.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
-def list_images(folder: str) -> list[str]:
-    """Every image file under `folder` (recursively), sorted; an empty or missing folder is an error."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"--images={folder!r} is not a directory")
-    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                   if name.lower().endswith(IMAGE_SUFFIXES))
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}")
-    return paths
 
 
 def load_images(paths: list[str], config) -> np.ndarray:
@@ -86,7 +75,7 @@ def caption_folder(workdir: str, images: str, decode_config: decoding.DecodeConf
     for method in ("image_memory", "decode_text"):
         if not hasattr(model, method):
             raise ValueError(f"{workdir} holds a {ckpt.model_config.get('name')} model, not a captioner (no {method})")
-    paths = list_images(images)
+    paths = cli.list_images(images)
     pixels = load_images(paths, config)
     generate = jax.jit(lambda params, image, rng: decoding.generate(
         model, params, image, decode_config, bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id,

@@ -42,8 +42,7 @@ from absl import app, flags, logging
 
 from mmjax import cli, cli_logging
 
-# As mmjax.generate.IMAGE_SUFFIXES (kept here so that argument errors need no TensorFlow import; a test checks).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
+IMAGE_SUFFIXES = cli.IMAGE_SUFFIXES
 DUAL_ENCODER, MATCHING = "dual_encoder", "matching"
 REGION_MODELS = ("uniter", "vilbert", "lxmert", "visualbert", "oscar")
 MODES = ("rank_images", "rank_texts", "matrix")
@@ -72,17 +71,6 @@ def define_flags() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-
-
-def list_images(folder: str) -> list[str]:
-    """Every image file under `folder` (recursively), sorted; as mmjax.generate.list_images, without its imports."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"--images={folder!r} is not a directory")
-    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                   if name.lower().endswith(IMAGE_SUFFIXES))
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}")
-    return paths
 
 
 def read_texts(text: str | None, texts: Sequence[str] | None, texts_file: str | None) -> list[str]:
@@ -117,7 +105,7 @@ def plan(images: str | None, image: str | None, text: str | None, texts: Sequenc
         if not os.path.isfile(image):
             raise ValueError(f"--image={image!r} is not a file")
         return "rank_texts", [image], os.path.dirname(os.path.abspath(image)), candidates
-    paths = list_images(images)
+    paths = cli.list_images(images)
     return ("rank_images" if text is not None else "matrix"), paths, images, candidates
 
 
