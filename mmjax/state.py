@@ -177,11 +177,20 @@ def check_tokenizer(source: pretrained.Checkpoint, tokenizer: Any) -> None:
     (its word embeddings would be read for the wrong words)."""
     if source.tokenizer_path is None or tokenizer is None:
         return
+    differ = tokenizer_difference(source.tokenizer_path, tokenizer)
+    if differ:
+        theirs, ours, examples = differ
+        raise ValueError(f"init_from: the checkpoint's tokenizer ({source.tokenizer_path}, {theirs} tokens) is "
+                         f"not the data's ({ours} tokens; e.g. {examples}): set data.tokenizer to the "
+                         f"checkpoint's tokenizer.json")
+
+
+def tokenizer_difference(path: str, tokenizer: Any) -> tuple[int, int, list] | None:
+    """None when the tokenizer saved at `path` maps the same tokens to the same ids as `tokenizer`, else (its
+    size, `tokenizer`'s size, up to three (token, id) pairs that differ)."""
     from mmjax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
 
-    theirs, ours = Tokenizer.from_path(source.tokenizer_path).vocab(), tokenizer.vocab()
-    if theirs != ours:
-        differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
-        raise ValueError(f"init_from: the checkpoint's tokenizer ({source.tokenizer_path}, {len(theirs)} tokens) is "
-                         f"not the data's ({len(ours)} tokens; e.g. {differ}): set data.tokenizer to the "
-                         f"checkpoint's tokenizer.json")
+    theirs, ours = Tokenizer.from_path(path).vocab(), tokenizer.vocab()
+    if theirs == ours:
+        return None
+    return len(theirs), len(ours), sorted(set(theirs.items()) ^ set(ours.items()))[:3]

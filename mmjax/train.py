@@ -90,15 +90,13 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any
     changes = run_config.diff(saved, config)
     run_config.check_resumable(changes)
     saved_tokenizer = os.path.join(workdir, "tokenizer.json")
-    if tokenizer is not None and os.path.exists(saved_tokenizer):
-        from mmjax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
-
-        theirs, ours = Tokenizer.from_path(saved_tokenizer).vocab(), tokenizer.vocab()
-        if theirs != ours:
-            differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
-            raise ValueError(f"the data's tokenizer ({len(ours)} tokens) is not the one this workdir's checkpoints "
-                             f"were trained with ({saved_tokenizer}, {len(theirs)} tokens; e.g. {differ}): use a "
-                             f"new --workdir, or set data.tokenizer to {saved_tokenizer}")
+    differ = (state_lib.tokenizer_difference(saved_tokenizer, tokenizer)
+              if tokenizer is not None and os.path.exists(saved_tokenizer) else None)
+    if differ:
+        theirs, ours, examples = differ
+        raise ValueError(f"the data's tokenizer ({ours} tokens) is not the one this workdir's checkpoints were "
+                         f"trained with ({saved_tokenizer}, {theirs} tokens; e.g. {examples}): use a new --workdir, "
+                         f"or set data.tokenizer to {saved_tokenizer}")
     for name, change in changes.items():
         level = logging.INFO if run_config.kind(name) == "harmless" else logging.WARNING
         logging.log(level, "config changed since the last run: %s", run_config.describe({name: change}))
