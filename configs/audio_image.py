@@ -24,10 +24,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = configlib.parse_arg(arg, defaults=dict(loss="softmax"), choices=dict(loss=("softmax", "sigmoid")))
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = ml_collections.ConfigDict(dict(name="contrastive"))
+    c.task = ml_collections.ConfigDict(dict(name="contrastive", loss_impl="auto"))  # auto | dense | sharded
     c.model = ml_collections.ConfigDict(dict(
         name="dual_encoder", modalities=("audio", "image"), loss=args["loss"], embed_dim=64,
         logit_scale_init=config_dict.placeholder(float), dtype="float32", remat=False,
+        attention="einsum", scan_layers=False,
         towers=dict(audio=common.audio_tower(),
                     image=dict(kind="vit", image_size=config_dict.placeholder(int), patch_size=8, width=64,
                                depth=2, heads=2, mlp_dim=256, pool="cls", norm="pre"))))

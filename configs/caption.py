@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="captioner",
         dtype="float32",
         remat=False,
+        attention="einsum",  # "xla" | "cudnn" | "auto": jax.nn.dot_product_attention (no attention dropout)
+        scan_layers=False,  # nn.scan over the image tower's layers
         # image_size, max_len and vocab_size come from the data (None: resolved when the run starts).
         image=dict(image_size=config_dict.placeholder(int), pool="cls", norm="pre", **v["image"]),
         text=dict(max_len=config_dict.placeholder(int), norm="pre", tie_embeddings=True,

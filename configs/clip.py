@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = ml_collections.ConfigDict(dict(name="contrastive"))
+    c.task = ml_collections.ConfigDict(dict(name="contrastive", loss_impl="auto"))  # auto | dense | sharded
     c.model = ml_collections.ConfigDict(dict(
         name="clip",
         loss=args["loss"],
@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         logit_scale_init=config_dict.placeholder(float),  # None: log(1 / 0.07) for softmax, log(10) for sigmoid
         dtype="float32",  # compute dtype; params stay float32. 'bfloat16' for accelerators.
         remat=False,
+        remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, with remat
+        attention="einsum",  # "xla" | "cudnn" | "auto": jax.nn.dot_product_attention (no attention dropout)
+        scan_layers=False,  # nn.scan over each tower's layers: compile time flat in depth (params encoder/layers)
         # image_size, max_len and vocab_size come from the data (None: resolved when the run starts).
         # ln_pre: CLIP's LayerNorm before the transformer (OpenAI's and HF's have it; export needs it).
         image=dict(image_size=config_dict.placeholder(int), pool="cls", norm="pre", ln_pre=True, **v["image"]),

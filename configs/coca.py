@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         multimodal_depth=v["multimodal_depth"],
         dtype="float32",
         remat=False,
+        attention="einsum",  # "xla" | "cudnn" | "auto": jax.nn.dot_product_attention (no attention dropout)
+        scan_layers=False,  # nn.scan over the image tower's layers
         # MAP pooling (CoCa's one-query attentional pooler) over tokens that keep a cls token: CLIP's layout, so a
         # CLIP run's image encoder (its position table included) loads as it is.
         image=dict(image_size=config_dict.placeholder(int), pool="map", cls_token=True, norm="pre", **v["image"]),

@@ -2,6 +2,7 @@
 optimizer's defaults. Configs load it with `configlib.sibling(__file__, "common")`."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mmjax import pretrained, sharding
 from mmjax.checkpoint import default_checkpoint_config
@@ -18,7 +19,12 @@ def optimizer(**fields) -> ml_collections.ConfigDict:
 def add_tail(c: ml_collections.ConfigDict, *, batch_size: int, steps: int, checkpoint_every: int,
              log_every: int = 50) -> ml_collections.ConfigDict:
     """Adds train, mesh, sharding, checkpoint and init_from to config `c` and returns it."""
-    c.train = ml_collections.ConfigDict(dict(batch_size=batch_size, steps=steps, log_every=log_every))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=batch_size, steps=steps, log_every=log_every,
+        # Micro-batches per step: the global batch is computed in accum_steps pieces (exact for contrastive
+        # losses: mmjax/accumulation.py), for batches larger than the devices hold.
+        accum_steps=1,
+        peak_tflops=config_dict.placeholder(float)))  # one device's peak, for MFU (None: known chips' peak)
     c.mesh = sharding.default_mesh_config()
     c.sharding = ml_collections.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
     c.checkpoint = default_checkpoint_config()

@@ -35,10 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_dir = minilm_dir()
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = ml_collections.ConfigDict(dict(name="contrastive"))
+    c.task = ml_collections.ConfigDict(dict(name="contrastive", loss_impl="auto"))  # auto | dense | sharded
     c.model = ml_collections.ConfigDict(dict(
         name="clip", loss="softmax", embed_dim=128, logit_scale_init=config_dict.placeholder(float),
-        dtype="float32", remat=False, lock_text=True,
+        dtype="float32", remat=False, attention="einsum", scan_layers=False, lock_text=True,
         image=dict(image_size=config_dict.placeholder(int), pool="cls", norm="pre", patch_size=8, width=64, depth=2,
                    heads=2, mlp_dim=256),
         # all-MiniLM-L6-v2's BertModel (its 512 positions), mean-pooled over real tokens (sentence-transformers).

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.itm.swap = "tags"  # the contrastive loss on polluted tags
     c.model = ml_collections.ConfigDict(dict(
         name="oscar", max_len=2 * v["max_len"], region_feat_dim=config_dict.placeholder(int), norm="post",
-        dtype="float32", remat=False, **v["model"]))
+        dtype="float32", remat=False, attention="einsum", scan_layers=False, **v["model"]))
     if c.model.vocab_size is None:
         c.model.vocab_size = config_dict.placeholder(int)
 

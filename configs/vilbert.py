@@ -43,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.masking = "joint"
     c.model = ml_collections.ConfigDict(dict(
         name="vilbert", max_len=config_dict.placeholder(int), region_feat_dim=config_dict.placeholder(int),
-        num_region_classes=config_dict.placeholder(int), dtype="float32", remat=False, **v["model"]))
+        num_region_classes=config_dict.placeholder(int), dtype="float32", remat=False,
+        attention="einsum", **v["model"]))
     if c.model.vocab_size is None:
         c.model.vocab_size = config_dict.placeholder(int)
 

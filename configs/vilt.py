@@ -43,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.itm.negatives.update(in_batch=1.0, other_color=1.0, other_shape=2.0)
     c.model = ml_collections.ConfigDict(dict(
         name="vilt", image_size=config_dict.placeholder(int), max_len=config_dict.placeholder(int),
-        dtype="float32", remat=False, mlm_head=True, itm_head=True, mpp_head=False, **v["model"]))
+        dtype="float32", remat=False, attention="einsum", scan_layers=False, mlm_head=True, itm_head=True,
+        mpp_head=False, **v["model"]))
     if c.model.vocab_size is None:
         c.model.vocab_size = config_dict.placeholder(int)
 

@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.itm.negatives.update(in_batch=1.0, other_color=1.0, other_shape=2.0)
     c.model = ml_collections.ConfigDict(dict(
         name="visualbert", max_len=config_dict.placeholder(int), region_feat_dim=config_dict.placeholder(int),
-        num_region_classes=config_dict.placeholder(int), dtype="float32", remat=False, **v["model"]))
+        num_region_classes=config_dict.placeholder(int), dtype="float32", remat=False,
+        attention="einsum", scan_layers=False, **v["model"]))
     if c.model.vocab_size is None:
         c.model.vocab_size = config_dict.placeholder(int)
 

@@ -158,6 +158,7 @@ def bench_ours(config, batch_size: int, steps: int, warmup: int) -> dict:
 
     from mmjax import optim, sharding
     from mmjax import state as state_lib
+    from mmjax import perf
     from mmjax import train as mtrain
     from mmjax.data import pipeline
     from mmjax.models import build_model
@@ -187,7 +188,7 @@ def bench_ours(config, batch_size: int, steps: int, warmup: int) -> dict:
         t = time.perf_counter()
         compiled = step_fn.lower(state, batches[0], rng).compile()
         compile_s = time.perf_counter() - t
-        flops = mtrain.step_flops(compiled)
+        flops = perf.step_flops(compiled)
 
         holder = {"state": state, "i": 0, "metrics": None}
 

@@ -29,6 +29,7 @@ RULES: list[Rule] = [
     ("train.batch_size", *_int(1)),
     ("train.steps", *_int(1)),
     ("train.log_every", *_int(1)),
+    ("train.accum_steps", *_int(1)),
     ("optimizer.lr", *_number(0.0)),  # 0 is allowed: a run that only evaluates, or checks what init_from loaded
     ("optimizer.warmup_steps", *_int(0)),
     ("optimizer.end_lr_factor", *_number(0.0)),

@@ -81,6 +81,9 @@ def lr_multipliers(params: Any, config: Any) -> Any:
     paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     depth = 1 + max([int(m.group(1)) for p in paths if (m := _LAYER.search(p))] or [-1])
     decay = config.get("layer_decay")
+    if decay and any(re.search(r"(?:^|/)encoder/layers(?:/|$)", p) for p in paths):
+        # Stacked layers share one leaf per parameter, so one multiplier: per-layer decay cannot be expressed.
+        raise ValueError("optimizer.layer_decay needs unrolled layers: set model.scan_layers=False")
     head = re.compile(config.head) if config.get("head") else None
     mult = float(config.get("head_lr_mult", 1.0))
 

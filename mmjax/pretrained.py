@@ -14,7 +14,8 @@ tables are resized bicubically on their 2-D grid (cls row kept) when the model's
 tower's [time, frequency, D] table is resized linearly when the model's clips are longer or shorter. e.g. LiT's
 locked text tower (configs/lit.py): path = the MiniLM directory, source = target = "text_encoder"; VQA
 fine-tuning (configs/vqa.py): path = a pretraining run's workdir. Weights are applied only when a run starts
-fresh: a resumed run restores its own checkpoint instead.
+fresh: a resumed run restores its own checkpoint instead. Encoder layers are converted to the model's layout first
+(unrolled encoder/layer_{i} or nn.scan-stacked encoder/layers: `scan_layers`), so either loads into either.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from mmjax import checkpoint
+from mmjax.models import scan_params
 from mmjax.optim import path_str
 
 PARAMS_DIR = "params"  # orbax params of a converted model inside an `mmjax.convert --out` directory
@@ -213,10 +215,12 @@ def flatten(tree: Any) -> dict[str, Any]:
 def graft(params: Any, pretrained: Any, source: str = "", target: str = "",
           strict: bool = False) -> tuple[Any, GraftReport]:
     """params with every leaf of the subtree at `target` that `pretrained`'s subtree at `source` holds at the same
-    path with the same shape replaced by it (patch-position tables resized first, see `resize_position_tables`);
-    returns (params, report). `strict`: anything but "loaded" is a ValueError listing it."""
+    path with the same shape replaced by it (Encoder layers first put in the model's layout, stacked or unrolled:
+    `scan_params.match_layout`; patch-position tables resized, see `resize_position_tables`); returns (params,
+    report). `strict`: anything but "loaded" is a ValueError listing it."""
     old = _subtree(params, target, "target")
-    new = resize_position_tables(_subtree(pretrained, source, "source"), old)
+    new = scan_params.match_layout(_subtree(pretrained, source, "source"), old)
+    new = resize_position_tables(new, old)
     old_flat, new_flat = flatten(old), flatten(new)
     report = GraftReport(shapes={p: tuple(np.shape(x)) for p, x in old_flat.items()})
     for path, leaf in old_flat.items():

@@ -22,13 +22,14 @@ from typing import Any, Mapping
 HISTORY_FILE = "config_history.jsonl"
 
 # Model fields that change only how the computation runs (or only how a fresh start initialises), never a shape.
-_MODEL_RUNTIME = ("dtype", "param_dtype", "remat", "logit_scale_init")
+_MODEL_RUNTIME = ("dtype", "param_dtype", "remat", "remat_policy", "attention", "logit_scale_init")
 SHAPE_FIELDS = ("model.*", "data.image_size", "data.max_len", "data.tokenizer", "data.tokenizer.*",
                 "data.patch_size", "data.regions.*", "data.audio.*")
 # A resumed run restores onto any mesh and ignores init_from (the checkpoint comes first).
 HARMLESS_FIELDS = ("train.steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep",
                    "checkpoint.async_save", "checkpoint.fallback", "evals.*.every_steps", "evals.*.batch_size",
-                   "optimizer.warmup_steps", "mesh.*", "sharding.*", "data.prefetch", "init_from.*")
+                   "optimizer.warmup_steps", "mesh.*", "sharding.*", "data.prefetch", "init_from.*",
+                   "train.accum_steps", "train.peak_tflops", "task.loss_impl")
 
 _MISSING = "<absent>"
 

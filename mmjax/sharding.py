@@ -6,16 +6,23 @@ The mesh has three named axes:
     fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
     tensor  Megatron-style model parallelism over heads / mlp / vocab
 
+Each axis may also span slices (TPU slices over the data-centre network, or GPU hosts over Ethernet / IB):
+`mesh.dcn_data` etc. say how many slices an axis crosses (MaxText's dcn_* knobs), `mesh.data` etc. how many devices
+within a slice (ICI / NVLink). The mesh axis is then dcn x ici devices long, slowest over slices, so collectives on
+the fast links stay inside a slice. Devices without a slice index (GPUs, CPUs) count each process as a slice.
+
 Models name the axes of every parameter and activation logically (see mmjax/models/layers.py); the rules in the
-config map logical names to mesh axes. Rules are applied in order and a mesh axis is used at most once per array,
-so for an activation ("batch", "length", "embed") the batch takes data+fsdp and embed stays unsharded, while a
+config map logical names to mesh axes. Activations and parameters have separate names (activation_batch,
+activation_embed, ... vs embed, mlp, ...), so a rule for one never moves the other: an activation
+("activation_batch", "activation_length", "activation_embed") is split over data+fsdp on its batch, while a
 parameter ("embed", "mlp") is sharded on fsdp x tensor.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +37,16 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axis (or axes, or None). The order matters: earlier rules win a mesh axis.
 DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
+    # Activations (layers.ACT_AXES, POOLED_AXES, CACHE_AXES; the tasks' embeds). Their names differ from the
+    # parameters', so these rules never move a parameter. activation_embed stays unsharded: before the split the
+    # residual stream's embed never got fsdp either, as the batch had already taken it.
+    ("activation_batch", BATCH_AXES),
+    ("activation_heads", "tensor"),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_kv", None),
+    ("activation_joint", None),
+    # Parameters.
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -38,18 +54,21 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
     ("joint", None),
+    ("layers", None),  # the depth axis of nn.scan-stacked encoder params (Encoder(scan=True))
 )
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
-    """Mesh sizes per axis; one of them may be -1 to take all remaining devices."""
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    """Mesh sizes per axis within a slice (one may be -1 to take all remaining devices) and across slices
+    (dcn_*; one may be -1 to take all remaining slices)."""
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
 
-def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
-    """Resolves the -1 entry of the mesh config and checks the product against the device count."""
-    sizes = [int(mesh_config[a]) for a in MESH_AXES]
-    described = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+def mesh_shape(mesh_config: Any, num_devices: int, prefix: str = "") -> tuple[int, ...]:
+    """Resolves the -1 entry of the mesh config's `prefix`ed sizes and checks their product against num_devices
+    (devices per slice for the ICI sizes, slices for prefix="dcn_")."""
+    sizes = [int(mesh_config.get(prefix + a, 1) if prefix else mesh_config[a]) for a in MESH_AXES]
+    described = " x ".join(f"{prefix}{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {described}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
@@ -60,22 +79,49 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"mesh {described} does not divide the {num_devices} available devices")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
+        what = "slices" if prefix else "devices"
         raise ValueError(
-            f"mesh {described} needs {math.prod(sizes)} devices but {num_devices} are available "
+            f"mesh {described} needs {math.prod(sizes)} {what} but {num_devices} are available "
             "(set one axis to -1 to fill)")
     return tuple(sizes)
 
 
-def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh described by the config over all (or the given) devices."""
-    devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_config, len(devices))
+def _slices(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+    """Devices grouped by slice (TPU slice_index, else the owning process), in slice order."""
+    groups: dict[int, list] = {}
+    for d in devices:
+        # Only TPUs mean it: CPU (and some GPU) devices report slice 0 on every process.
+        slice_index = getattr(d, "slice_index", None) if d.platform == "tpu" else None
+        groups.setdefault(d.process_index if slice_index is None else slice_index, []).append(d)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices of one slice in a grid of `shape`, topology-aware where the platform allows."""
     try:
-        device_grid = mesh_utils.create_device_mesh(shape, devices)
+        return mesh_utils.create_device_mesh(shape, list(devices))
     except (ValueError, AssertionError, NotImplementedError):
         # Topology-aware placement is unavailable for some device kinds (e.g. fake CPU devices).
-        device_grid = np.asarray(devices).reshape(shape)
-    return Mesh(device_grid, MESH_AXES)
+        return np.asarray(devices).reshape(shape)
+
+
+def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh described by the config over all (or the given) devices; with dcn_*
+    sizes, each axis is (slices x devices per slice) long, slices outermost."""
+    devices = list(jax.devices() if devices is None else devices)
+    slices = _slices(devices)
+    dcn = mesh_shape(mesh_config, len(slices), "dcn_") if any(
+        int(mesh_config.get("dcn_" + a, 1)) != 1 for a in MESH_AXES) else (1,) * len(MESH_AXES)
+    if math.prod(dcn) == 1:
+        return Mesh(_device_grid(mesh_shape(mesh_config, len(devices)), devices), MESH_AXES)
+    if len({len(s) for s in slices}) != 1:
+        raise ValueError(f"mesh: slices of unequal size {[len(s) for s in slices]}")
+    ici = mesh_shape(mesh_config, len(slices[0]))
+    # [dcn..., ici...] -> interleave (dcn_0, ici_0, dcn_1, ici_1, ...) -> merge each pair: slices outermost.
+    grid = np.stack([_device_grid(ici, s) for s in slices]).reshape(dcn + ici)
+    n = len(MESH_AXES)
+    grid = grid.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])
+    return Mesh(grid.reshape([d * i for d, i in zip(dcn, ici)]), MESH_AXES)
 
 
 def logical_rules(rules: Any = None) -> tuple[tuple[str, Any], ...]:
@@ -127,6 +173,19 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
     """Turns this process's numpy batch into global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """Global batches `size` steps ahead: their host-to-device copies overlap the running step (dispatch is
+    asynchronous), so the step never waits for its input while the host keeps up."""
+    queue: collections.deque = collections.deque()
+    for local in batches:
+        queue.append(make_global_batch(local, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def global_numpy(local: np.ndarray, mesh: Mesh) -> np.ndarray:

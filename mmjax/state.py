@@ -102,15 +102,20 @@ def count_params(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
 
 
-def create_train_state(model: nn.Module, batch_shapes: dict, tx: optax.GradientTransformation, mesh, rules,
-                       seed: int, boxed_params: Any) -> tuple[dict, dict]:
-    """Initialises {step, params, opt_state} directly into its shardings; returns (state, shardings)."""
+def train_state_shardings(boxed_params: Any, tx: optax.GradientTransformation, mesh, rules) -> dict:
+    """The shardings of {step, params, opt_state}: parameters by their logical axes and the rules, optimizer
+    moments as their parameters, counters replicated."""
     param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
     params_shape = nn.meta.unbox(boxed_params)
     opt_shape = jax.eval_shape(tx.init, params_shape)
-    # Optimizer moments mirror the parameters and take their shardings; counters are replicated.
     opt_shardings = sharding.optimizer_shardings(opt_shape, params_shape, param_shardings, mesh)
-    shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+    return {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+
+
+def create_train_state(model: nn.Module, batch_shapes: dict, tx: optax.GradientTransformation, mesh, rules,
+                       seed: int, boxed_params: Any) -> tuple[dict, dict]:
+    """Initialises {step, params, opt_state} directly into its shardings; returns (state, shardings)."""
+    shardings = train_state_shardings(boxed_params, tx, mesh, rules)
 
     def init(rng):
         params = nn.meta.unbox(init_params(model, batch_shapes, rng))

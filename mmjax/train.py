@@ -28,7 +28,9 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import checkpoint, cli, cli_logging, config_checks, optim, reliability, run_config, sharding
+from mmjax import accumulation, checkpoint, cli, cli_logging, config_checks, distributed, optim, perf, reliability
+from mmjax import run_config
+from mmjax import sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
 from mmjax.evaluation import report
@@ -37,19 +39,28 @@ from mmjax.metrics_writer import MetricWriter
 from mmjax.models import build_model
 from mmjax.tasks import get_task
 
+DEVICE_PREFETCH = 2  # batches copied to the devices ahead of the step that uses them (sharding.prefetch_to_mesh)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/clip.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print parameter count and FLOPs, exit.")
+# Multi-host (mmjax/distributed.py): every process runs the same command with its own --process_id.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Multi-host with JAX's cluster detection (TPU pods, SLURM, "
+                                 "Open MPI); default: on under srun / mpirun with more than one task.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step: pure, jitted with shardings below.
 
 def train_step(state: dict, batch: dict, rng: jax.Array, *, task: Any, tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[dict, dict]:
-    """One optimizer step: task loss -> grads -> optax update. Pure; jitted with shardings below."""
+               schedule: optax.Schedule, accum_steps: int = 1) -> tuple[dict, dict]:
+    """One optimizer step: task loss -> grads (over accum_steps micro-batches: mmjax/accumulation.py) -> optax
+    update. Pure; jitted with shardings below."""
     rng = jax.random.fold_in(rng, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, rng)
+    (loss, metrics), grads = accumulation.loss_and_grads(task, state["params"], batch, rng, accum_steps)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
@@ -58,9 +69,9 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, task: Any, tx: optax
 
 
 def jit_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh,
-                   shardings: dict) -> Any:
+                   shardings: dict, accum_steps: int = 1) -> Any:
     """`train_step` under jax.jit with explicit in/out shardings and the state donated (updated in place)."""
-    return jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
+    return jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule, accum_steps=accum_steps),
                    in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -121,6 +132,7 @@ def console_line(step: int, last: int, metrics: dict, eta_s: float) -> str:
         parts.append("(" + " ".join(f"{k[:-5]} {metrics[k]:.4f}" for k in objectives) + ")")
     parts += [f"lr {metrics['lr']:.2e}", f"grad_norm {metrics['grad_norm']:.3f}",
               f"{metrics['examples_per_s']:.0f} ex/s", f"{metrics['device_flops_per_s'] / 1e9:.1f} GFLOP/s/device",
+              *([f"MFU {metrics['mfu']:.1%}"] if "mfu" in metrics else []),
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}"]
     return "  ".join(parts)
 
@@ -128,16 +140,6 @@ def console_line(step: int, last: int, metrics: dict, eta_s: float) -> str:
 def eval_line(step: int, metrics: dict) -> str:
     """One evaluation on one line, metrics in their natural order (R@1, R@5, R@10; counts as integers)."""
     return f"eval step {step}: " + "  ".join(f"{k} {report.format_value(k, v)}" for k, v in report.ordered(metrics))
-
-
-def step_flops(compiled: Any) -> float | None:
-    """FLOPs of one compiled step on one device, from XLA's cost analysis (None where the backend does not say)."""
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
-    except Exception:  # cost analysis is best-effort metadata; never fail a run over it
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     mesh = sharding.create_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding.rules)
     sharding.check_batch_size(config.train.batch_size, mesh)
+    accum_steps = int(config.train.get("accum_steps", 1))
+    accumulation.check_accumulation(config.train.batch_size, accum_steps, mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
     # 2. Data: the tokenizer and what the data offers (classes, attributes, regions, vocabulary) size the model.
@@ -168,17 +172,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     logging.info("model %s: %s parameters", config.model.name, f"{n_params:,}")
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.meta.unbox(boxed))
 
-    if dry_run:
-        step_fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule))
+    if dry_run:  # the step compiled with the run's shardings, never run: FLOPs and per-device memory
+        shardings = state_lib.train_state_shardings(boxed, tx, mesh, rules)
         state_shape = state_lib.abstract_train_state(nn.meta.unbox(boxed), tx)
         batch = pipeline.train_batch_shapes(config.data, meta, config.train.batch_size)
+        step_fn = jit_train_step(task, tx, schedule, mesh, shardings, accum_steps)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            flops = step_flops(step_fn.lower(state_shape, batch, jax.random.key(0)).compile())
+            compiled = step_fn.lower(state_shape, batch, jax.random.key(0)).compile()
+        flops, memory = perf.step_flops(compiled), perf.memory(compiled)
+        memory["state_bytes_per_device"] = perf.bytes_per_device(state_shape, shardings)
         # XLA costs the per-device program; the global step does that on every device.
         flops = flops * mesh.size if flops else None
         print(f"{config.model.name}: {n_params:,} parameters; one train step at batch "
               f"{config.train.batch_size}: {flops / 1e12 if flops else float('nan'):.3f} TFLOPs")
-        return {"params": n_params, "train_step_flops": flops}
+        print(f"parameters + optimizer state per device: {perf.human_bytes(memory['state_bytes_per_device'])}")
+        if line := perf.memory_line(memory):
+            print(line)
+        return {"params": n_params, "train_step_flops": flops, "memory": memory}
 
     # 4. Workdir (one run writes to it at a time), state (created sharded), resume or a fresh start (from
     #    init_from's weights, if any).
@@ -214,12 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     logging.info("starting at step %d of %d", start_step, config.train.steps)
 
     # 5. Input: each process reads its own shard; the order is a function of (seed, step), so resuming is exact.
-    batches = pipeline.train_iterator(config.data, tokenizer, global_batch_size=config.train.batch_size,
-                                      seed=config.seed, start_step=start_step)
+    batches = sharding.prefetch_to_mesh(pipeline.train_iterator(
+        config.data, tokenizer, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start_step),
+        mesh, DEVICE_PREFETCH)
     evaluators = build_evaluators(config, model=model, meta=meta, tokenizer=tokenizer, mesh=mesh, out_dir=workdir)
 
     # 6. The jitted step: explicit in/out shardings, state donated so parameters are updated in place.
-    step_fn = jit_train_step(task, tx, schedule, mesh, shardings)
+    step_fn = jit_train_step(task, tx, schedule, mesh, shardings, accum_steps)
     rng = jax.random.key(config.seed + 1)
 
     # 7. Loop. SIGTERM / SIGINT finish the step, save and stop (reliability.StopSignals); a non-finite loss,
@@ -227,14 +238,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     eval_metrics: dict = {}
     log_every, last = config.train.log_every, config.train.steps
     compiled, flops = None, 0.0
+    peak = perf.peak_flops(override_tflops=config.train.get("peak_tflops"))
     t_last, step_last = time.perf_counter(), start_step
     with lock, jax.set_mesh(mesh), nn.logical_axis_rules(rules), reliability.StopSignals() as signals:
         for step in range(start_step + 1, last + 1):
-            batch = sharding.make_global_batch(next(batches), mesh)
-            if compiled is None:  # compile once, explicitly, to read the step's FLOPs from XLA
+            batch = next(batches)
+            if compiled is None:  # compile once, explicitly, to read the step's FLOPs and memory from XLA
                 logging.info("compiling the train step (once per run; seconds to minutes)")
                 compiled = step_fn.lower(state, batch, rng).compile()
-                flops = step_flops(compiled) or 0.0
+                flops = perf.step_flops(compiled) or 0.0
+                if memory_line := perf.memory_line(perf.memory(compiled)):
+                    logging.info("%s", memory_line)
                 t_last = time.perf_counter()  # keep compile time out of the first throughput and ETA
             state, metrics = compiled(state, batch, rng)
             stopping = signals.requested(ckpt.manager, step)
@@ -251,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
                 t_last, step_last = now, step
                 metrics.update(examples_per_s=steps_per_s * config.train.batch_size,
                                device_flops_per_s=steps_per_s * flops)
+                if peak:
+                    metrics["mfu"] = steps_per_s * flops / peak
                 if recorded:
                     writer.write(step, "train", metrics)
                 logging.info("%s", console_line(step, last, metrics, (last - step) / max(steps_per_s, 1e-9)))
@@ -293,6 +309,11 @@ def main(argv: list[str]) -> None:
     del argv
     cli_logging.quiet_foreign_info()
     started = time.perf_counter()
+    try:  # before anything asks JAX for its devices
+        distributed.initialize(distributed.resolve_launch(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                                          _DISTRIBUTED.value))
+    except ValueError as e:
+        cli.fail(str(e))
     config = cli.config_flag()
     if config is None:
         cli.fail("--config is required, e.g. --config=configs/clip.py")

@@ -47,7 +47,9 @@ def test_sigterm_saves_and_the_rerun_ends_bitwise_equal(tiny_config, tmp_path, m
 
     def preempting_iterator(*args, **kwargs):
         for i, batch in enumerate(real_iterator(*args, **kwargs)):
-            if i == 6:  # the notice arrives while step 7 is being prepared: step 7 finishes, then it saves
+            # The notice arrives while step 7 is being prepared (the trainer pulls batches DEVICE_PREFETCH steps
+            # ahead): step 7 finishes, then it saves.
+            if i == 6 + trainer.DEVICE_PREFETCH:
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 

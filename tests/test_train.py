@@ -67,7 +67,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch
 
     def dying_iterator(*args, **kwargs):
         for i, batch in enumerate(real_iterator(*args, **kwargs)):
-            if i == 12:
+            if i == 12 + trainer.DEVICE_PREFETCH:  # the trainer pulls batches that far ahead of its step
                 raise KeyboardInterrupt("killed")
             yield batch
 
@@ -131,7 +131,8 @@ def test_cli_unknown_field_is_one_line_naming_nearest(tmp_path):
         env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: unknown config field 'train.stpes'; nearest valid: train.steps"], proc.stderr
+    expected = "error: unknown config field 'train.stpes'; nearest valid: train.steps, train.accum_steps"
+    assert errors == [expected], proc.stderr
     assert not workdir.exists()
 
 

@@ -2,6 +2,7 @@
 
     model, variables, config = mmjax.convert.hf.load("path/to/hf_model_dir")
     out = model.apply(variables, batch)          # dict with HF's output names (last_hidden_state, ...)
+    model, variables, config = mmjax.convert.hf.load("path/to/hf_model_dir", scan_layers=True)   # nn.scan layout
     mmjax.convert.hf.save("out_dir", config, variables)   # back to a directory transformers can load
     mmjax.convert.hf.save("out_dir", config, variables, tokenizer=tok, max_len=24)   # + tokenizer.json etc.
 
@@ -12,7 +13,9 @@ exposes `load(hf_config, tensors) -> (module, variables, model_config)` and `exp
 
 This module also holds the pieces the converters share: a weight mapping is a list of `Rule`s (our param path,
 HF tensor name, layout), applied in one direction by `params_from_hf` and in the other by `params_to_hf`, so load
-and export cannot drift apart.
+and export cannot drift apart. The rules name the unrolled Encoder layout (encoder/layer_{i}); `load(...,
+scan_layers=True)` stacks the converted params for an nn.scan model and `params_to_hf` unstacks a scanned model's
+(mmjax.models.scan_params), so both layouts convert.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from safetensors.numpy import load_file, save_file
+
+from mmjax.models import build_model, scan_params
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -127,15 +132,21 @@ def converter(model_type: Optional[str]) -> ModuleType:
     return importlib.import_module(CONVERTERS[model_type])
 
 
-def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """HF model directory -> (linen module, variables {"params": ...}, our model config dict)."""
+def load(path: str | os.PathLike, scan_layers: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """HF model directory -> (linen module, variables {"params": ...}, our model config dict). scan_layers=True:
+    the model runs its encoder layers under nn.scan and the params come stacked (encoder/layers)."""
     hf_config = read_config(path)
     model_type = hf_config.get("model_type")
     conv = converter(model_type)  # before reading weights: an unsupported type fails fast, naming itself
     tensors = read_weights(path)
     if model_type in BASE_PREFIX:
         tensors = strip_prefix(tensors, BASE_PREFIX[model_type])
-    return conv.load(hf_config, tensors)
+    model, variables, model_config = conv.load(hf_config, tensors)
+    if scan_layers:
+        model_config = {**model_config, "scan_layers": True}
+        model = build_model(model_config)  # a model without the field raises, naming it
+        variables = {**variables, "params": scan_params.stack_layers(variables["params"])}
+    return model, variables, model_config
 
 
 def export_kwargs(export: Callable[..., Any], tokenizer: Any = None) -> dict[str, Any]:
@@ -234,8 +245,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], rules: Sequence[Rule], hea
 
 
 def params_to_hf(variables: Mapping[str, Any], rules: Sequence[Rule]) -> dict[str, np.ndarray]:
-    """HF tensors (float32 numpy) from our variables ({"params": ...} or the params; boxed or not)."""
-    params = nn.unbox(variables.get("params", variables))
+    """HF tensors (float32 numpy) from our variables ({"params": ...} or the params; boxed or not; either Encoder
+    layout: the rules name the unrolled one)."""
+    params = scan_params.unstack_layers(nn.unbox(variables.get("params", variables)))
     tensors = {}
     for path, hf, layout in rules:
         node = params

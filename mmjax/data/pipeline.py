@@ -78,6 +78,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         max_len=24,             # text length incl. [CLS] and [SEP]
         tokenizer=config_dict.placeholder(str),  # tokenizer.json / vocab.txt; None = the one saved with a source
         prefetch=2,
+        # The stream is cut into this many input shards, each process reading a contiguous block of them; the
+        # global batch is then the same for any number of processes dividing it (None: one shard per process).
+        input_shards=config_dict.placeholder(int),
         # {key: sources.source_config(...)}; several sources are mixed by their weights.
         sources=ml_collections.ConfigDict(),
         # Sources only evaluators read (e.g. a zero-shot classification set), never trained on.
@@ -451,8 +454,26 @@ def train_iterator(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                    seed: int, start_step: int = 0, process_index: int | None = None,
                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Infinite train batches for this process; batch k is a pure function of (seed, k), so `start_step` resumes
-    exactly."""
-    process_index, process_count, b = _process_layout(global_batch_size, process_index, process_count)
+    exactly. With data.input_shards = S, the process reads shards [p S/P, (p + 1) S/P) and concatenates their rows,
+    so the global batch does not depend on the process count P (a 2-host run sees the 1-host run's batches)."""
+    process_index, process_count, _ = _process_layout(global_batch_size, process_index, process_count)
+    shards = data_config.get("input_shards") or process_count
+    if shards % process_count or global_batch_size % shards:
+        raise ValueError(f"data.input_shards={shards} must be a multiple of the process count {process_count} and "
+                         f"divide the batch size {global_batch_size}")
+    per_process = shards // process_count
+    iterators = [_shard_batches(data_config, tokenizer, global_batch_size=global_batch_size, seed=seed,
+                                start_step=start_step, shard=process_index * per_process + j, shards=shards)
+                 for j in range(per_process)]
+    if len(iterators) == 1:
+        return iterators[0]
+    return ({k: np.concatenate([part[k] for part in parts]) for k in parts[0]} for parts in zip(*iterators))
+
+
+def _shard_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, global_batch_size: int,
+                   seed: int, start_step: int, shard: int, shards: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of input shard `shard` of `shards` (global_batch_size / shards rows each)."""
+    process_index, process_count, b = _process_layout(global_batch_size, shard, shards)
     meta = dataset_meta(data_config)
     pairs = _sources(data_config)
     start = start_step * b  # this process's stream position

@@ -39,6 +39,7 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -118,6 +119,14 @@ class Evaluator:
 
         return jax.jit(forward, out_shardings=sharding.replicated(self.mesh))
 
+    def _jit_predictions(self, key: str):
+        """The model's forward under jit, returning only the argmax of output `key` over its last axis (class
+        ids, replicated): hosts receive ids, not [B, L, V] logits, and the reduction runs where the logits are."""
+        def forward(params, batch):
+            return jnp.argmax(self.model.apply({"params": params}, batch)[key], axis=-1).astype(jnp.int32)
+
+        return jax.jit(forward, out_shardings=sharding.replicated(self.mesh))
+
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         shard = sharding.batch_sharding(self.mesh)
         return {k: jax.device_put(np.asarray(v), shard) for k, v in batch.items()}
@@ -125,6 +134,17 @@ class Evaluator:
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """{metric: value} of the model with `params` (at train step `step`, for files an evaluator writes)."""
         raise NotImplementedError
+
+
+def _per_example(choose: Any) -> Any:
+    """jit of (key, row_ids, *arrays) -> `choose`(row key, *row) row by row, each row's key folded from its id: an
+    example is masked alike in any batch, so the metric does not depend on how batches (and hosts) split the data."""
+    def apply(key, row_ids, *arrays):
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+        rows = jax.vmap(lambda k, *xs: choose(k, *(x[None] for x in xs)))(keys, *arrays)
+        return jax.tree.map(lambda x: x[:, 0], rows)
+
+    return jax.jit(apply)
 
 
 class _Sums:
@@ -438,7 +458,7 @@ class ITMEvaluator(Evaluator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._forward = self._jit_outputs(("itm_logits",))
+        self._predict = self._jit_predictions("itm_logits")
 
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc_true, acc_random, acc_other_NAME; acc (true and random balanced); acc_hard (true and the
@@ -462,8 +482,8 @@ class ITMEvaluator(Evaluator):
                                               "text_mask": batch[f"other_{name}_text_mask"]}, 0, real)
             for name, (replaced, target, weight) in variants.items():
                 rows = {**objectives.model_inputs(batch, self.meta.model_keys, (ids, mask)), **replaced}
-                logits = np.asarray(self._forward(params, self._put(rows))["itm_logits"])
-                sums.add(f"acc_{name}", (np.argmax(logits, -1) == target).astype(np.float32), weight)
+                predicted = np.asarray(self._predict(params, self._put(rows)))
+                sums.add(f"acc_{name}", (predicted == target).astype(np.float32), weight)
         metrics = sums.means()
         # Balanced accuracies: true pairs weigh as much as the mismatches they are contrasted with.
         metrics["acc"] = 0.5 * (metrics["acc_true"] + metrics["acc_random"])
@@ -474,16 +494,16 @@ class ITMEvaluator(Evaluator):
 
 
 class MLMEvaluator(Evaluator):
-    """Masked-token accuracy (BERT masking of the captions, seeded per batch), overall and on each attribute's
+    """Masked-token accuracy (BERT masking of the captions, seeded per example), overall and on each attribute's
     words (e.g. colour and shape words), which only the image can tell."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._forward = self._jit_outputs(("mlm_logits",))
+        self._predict = self._jit_predictions("mlm_logits")
         continuation = self.tokenizer.continuation_table() if self.cfg.whole_word else None
-        self._mask = jax.jit(lambda k, i, m: objectives.mask_text(k, i, m, self.tokenizer,
-                                                                  mask_prob=float(self.cfg.mask_prob),
-                                                                  continuation=continuation))
+        self._mask = _per_example(lambda k, i, m: objectives.mask_text(k, i, m, self.tokenizer,
+                                                                       mask_prob=float(self.cfg.mask_prob),
+                                                                       continuation=continuation))
         # Attribute words as token ids ([CLS] word [SEP]: one token each; a word the tokenizer splits into pieces
         # is left out of the metric).
         self._word_ids = {}
@@ -494,12 +514,12 @@ class MLMEvaluator(Evaluator):
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc, and acc_NAME_words per attribute."""
         sums = _Sums()
-        for i, batch in enumerate(self.batches()):
+        for batch in self.batches():
             real = batch["mask"].astype(np.float32)
             masked_ids, labels, label_mask = (np.asarray(x) for x in self._mask(
-                jax.random.key(i), batch["text_ids"], batch["text_mask"]))
+                jax.random.key(0), batch["image_id"], batch["text_ids"], batch["text_mask"]))
             rows = objectives.model_inputs(batch, self.meta.model_keys, (masked_ids, batch["text_mask"]))
-            pred = np.argmax(np.asarray(self._forward(params, self._put(rows))["mlm_logits"]), -1)
+            pred = np.asarray(self._predict(params, self._put(rows)))
             chosen = (label_mask > 0) * real[:, None]
             hit = (pred == labels).astype(np.float32)
             sums.add("acc", hit, chosen)
@@ -516,21 +536,21 @@ class MRCEvaluator(Evaluator):
         if "region_mask" not in self.meta.model_keys or not self.source_meta.region_classes:
             raise ValueError(f"evals.{self.name} (mrc) needs region inputs with classes (data.regions.enabled "
                              f"and a source with region classes)")
-        self._forward = self._jit_outputs(("mrc_logits",))
-        self._mask = jax.jit(lambda k, m: objectives.mask_regions(k, m, float(self.cfg.mask_prob)))
+        self._predict = self._jit_predictions("mrc_logits")
+        self._mask = _per_example(lambda k, m: objectives.mask_regions(k, m, float(self.cfg.mask_prob)))
 
     def run(self, params: Any, step: int | None = None) -> dict[str, float]:
         """acc over masked regions, and acc_object over masked regions whose majority class is not background."""
         sums = _Sums()
         background = self.source_meta.region_classes - 1
-        for i, batch in enumerate(self.batches()):
+        for batch in self.batches():
             real = batch["mask"].astype(np.float32)
-            masked = np.asarray(self._mask(jax.random.key(10_000 + i), batch["region_mask"]))
+            masked = np.asarray(self._mask(jax.random.key(10_000), batch["image_id"], batch["region_mask"]))
             rows = objectives.model_inputs(batch, self.meta.model_keys, (batch["text_ids"], batch["text_mask"]),
                                            region_masked=masked)
-            logits = np.asarray(self._forward(params, self._put(rows))["mrc_logits"])
+            predicted = np.asarray(self._predict(params, self._put(rows)))
             target = np.argmax(batch["region_targets"], -1)
-            hit = (np.argmax(logits, -1) == target).astype(np.float32)
+            hit = (predicted == target).astype(np.float32)
             sums.add("acc", hit, masked * real[:, None])
             # Most boxes are mostly background; the masked regions whose majority class is an object are the ones
             # where classifying takes evidence (the text and the other regions).
@@ -547,7 +567,7 @@ class VQAEvaluator(Evaluator):
         if not self.source_meta.answer_vocab or not self.config.data.get("answers"):
             raise ValueError(f"evals.{self.name} (vqa) needs VQA data: a source of kind 'vqa' and data.answers=True")
         self.vocab = list(self.source_meta.answer_vocab)
-        self._forward = self._jit_outputs(("vqa_logits",))
+        self._predict = self._jit_predictions("vqa_logits")
         self._truth: dict[int, tuple[list[str], str]] | None = None
 
     def truth(self) -> dict[int, tuple[list[str], str]]:
@@ -575,8 +595,7 @@ class VQAEvaluator(Evaluator):
         for batch in self.batches():
             real = batch["mask"] > 0
             rows = objectives.model_inputs(batch, self.meta.model_keys, (batch["text_ids"], batch["text_mask"]))
-            logits = np.asarray(self._forward(params, self._put(rows))["vqa_logits"])
-            predicted += [self.vocab[i] for i in np.argmax(logits, -1)[real]]
+            predicted += [self.vocab[i] for i in np.asarray(self._predict(params, self._put(rows)))[real]]
             question_ids += [int(q) for q in batch["question_id"][real]]
             unanswerable += float(np.sum(batch["answers"][real].sum(-1) == 0))
             if not shown:

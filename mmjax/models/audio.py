@@ -104,6 +104,8 @@ class AudioEncoder(nn.Module):
     freq_mask_width: int = 0
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -189,4 +191,4 @@ class AudioEncoder(nn.Module):
             pooled = tokens[:, 0]
         else:
             pooled = layers.masked_mean(tokens[:, 1:] if use_cls else tokens, mask[:, 1:] if use_cls else mask)
-        return layers.constrain(pooled, ("batch", "embed")), tokens
+        return layers.constrain(pooled, layers.POOLED_AXES), tokens

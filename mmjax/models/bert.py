@@ -24,8 +24,8 @@ BERT_TEXT_DEFAULTS: dict[str, Any] = dict(causal=False, norm="post", pool="cls",
 class BertModel(nn.Module):
     """BERT: `text_encoder` (TextTransformer) -> {"last_hidden_state", "pooler_output"}.
 
-    `dtype`, `param_dtype`, `remat` and `remat_policy` override the same keys in `text` (one setting for the whole
-    model). Parameters: text_encoder/{embeddings, encoder} (see TextTransformer), pooler.
+    `dtype`, `param_dtype`, `remat`, `remat_policy`, `attention` and `scan_layers` override the same keys in `text`
+    (one setting for the whole model). Parameters: text_encoder/{embeddings, encoder} (see TextTransformer), pooler.
     """
 
     text: Mapping[str, Any]  # TextTransformer kwargs, over BERT_TEXT_DEFAULTS
@@ -34,6 +34,8 @@ class BertModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
 
     def __post_init__(self) -> None:
         # Frozen so the Module stays hashable (jit static args, flax's module caching).
@@ -44,11 +46,12 @@ class BertModel(nn.Module):
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
         """batch: text_ids int [B, L], text_mask int [B, L] (1 = real; optional), text_type_ids (optional)."""
         kwargs = {**BERT_TEXT_DEFAULTS, **dict(self.text), "dtype": self.dtype, "param_dtype": self.param_dtype,
-                  "remat": self.remat, "remat_policy": self.remat_policy}
+                  "remat": self.remat, "remat_policy": self.remat_policy, "attention": self.attention,
+                  "scan_layers": self.scan_layers}
         _, tokens = TextTransformer(**kwargs, name="text_encoder")(
             batch["text_ids"], batch.get("text_mask"), batch.get("text_type_ids"), train=train)
         out = {"last_hidden_state": tokens}
         if self.pooler:
             pooled = heads.pooler(tokens[:, 0], dtype=self.dtype, param_dtype=self.param_dtype)
-            out["pooler_output"] = layers.constrain(pooled, ("batch", "embed"))
+            out["pooler_output"] = layers.constrain(pooled, layers.POOLED_AXES)
         return out

@@ -24,8 +24,8 @@ REQUIRED_KEYS = ("image", "text_ids", "text_mask")
 
 
 class Captioner(nn.Module):
-    """ViT encoder + TextDecoder (cross-attention in every block). `dtype`, `param_dtype`, `remat` and
-    `remat_policy` override the towers' own.
+    """ViT encoder + TextDecoder (cross-attention in every block). `dtype`, `param_dtype`, `remat`, `remat_policy`
+    and `attention` override the towers' own; `scan_layers` the image tower's.
 
     Parameters: image_encoder (ViT), memory_projection (when the image and text widths differ), text_decoder.
     """
@@ -37,6 +37,8 @@ class Captioner(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     decode: bool = False
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention, for the image tower and the decoder(s)
+    scan_layers: bool = False  # nn.scan over the image tower's encoder layers (decoders stay unrolled)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image", flax.core.FrozenDict(self.image))
@@ -45,8 +47,8 @@ class Captioner(nn.Module):
 
     def setup(self) -> None:
         shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-                      remat_policy=self.remat_policy)
-        self.image_encoder = ViT(**{**dict(self.image), **shared})
+                      remat_policy=self.remat_policy, attention=self.attention)
+        self.image_encoder = ViT(**{**dict(self.image), **shared, "scan_layers": self.scan_layers})
         self.text_decoder = TextDecoder(**{**dict(self.text), **shared, "cross_attention": True,
                                            "decode": self.decode})
         width = field_value(TextDecoder, self.text, "width")

@@ -29,8 +29,8 @@ class CLIP(nn.Module):
     """Dual encoder for contrastive image-text pretraining (softmax = CLIP, sigmoid = SigLIP; the ranking losses
     hinge = DeViSE, triplet = VSE, triplet_hardest = VSE++, with `margin`: losses.RANKING_LOSSES).
 
-    `dtype`, `param_dtype`, `remat` and `remat_policy` here override the same keys in the tower dicts, so the
-    trainer's one setting applies to both towers.
+    `dtype`, `param_dtype`, `remat`, `remat_policy`, `attention` and `scan_layers` here override the same keys in
+    the tower dicts, so the trainer's one setting applies to both towers.
 
     Parameters: image_encoder (ViT), text_encoder (TextTransformer), image_projection, text_projection (unless
     project_text=False), logit_scale, and logit_bias (sigmoid loss). The ranking losses leave logit_scale unused,
@@ -49,6 +49,8 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the layers of both towers (params stacked under */encoder/layers)
     # LiT: a locked text tower gets no gradient (stop_gradient: no backward pass through it). Pair it with
     # `optimizer.freeze` so that weight decay leaves its parameters unchanged too.
     lock_text: bool = False
@@ -71,7 +73,7 @@ class CLIP(nn.Module):
         if not self.project_text and self.embed_dim != text_width:
             raise ValueError(f"embed_dim={self.embed_dim} must equal text.width={text_width} with project_text=False")
         shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-                      remat_policy=self.remat_policy)
+                      remat_policy=self.remat_policy, attention=self.attention, scan_layers=self.scan_layers)
         self.image_encoder = ViT(**{**dict(self.image), **shared})
         self.text_encoder = TextTransformer(**{**dict(self.text), **shared})
         proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -35,7 +35,8 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
 
 
 class CoCa(nn.Module):
-    """Contrastive captioner. `dtype`, `param_dtype`, `remat`, `remat_policy` override the towers' own.
+    """Contrastive captioner. `dtype`, `param_dtype`, `remat`, `remat_policy`, `attention` override the towers' own
+    (and the multimodal decoder's); `scan_layers` the image tower's.
 
     Parameters: image_encoder (ViT, pool="map" by default: its MAP head is CoCa's one-query attentional pooler),
     image_projection, text_decoder (unimodal TextDecoder), text_projection, memory_projection (image and text
@@ -56,6 +57,8 @@ class CoCa(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     decode: bool = False
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention, for the image tower and the decoder(s)
+    scan_layers: bool = False  # nn.scan over the image tower's encoder layers (decoders stay unrolled)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image", flax.core.FrozenDict(self.image))
@@ -64,8 +67,8 @@ class CoCa(nn.Module):
 
     def setup(self) -> None:
         shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-                      remat_policy=self.remat_policy)
-        self.image_encoder = ViT(**{"pool": "map", **dict(self.image), **shared})
+                      remat_policy=self.remat_policy, attention=self.attention)
+        self.image_encoder = ViT(**{"pool": "map", **dict(self.image), **shared, "scan_layers": self.scan_layers})
         self.text_decoder = TextDecoder(**{**dict(self.text), **shared, "cross_attention": False,
                                            "lm_head": False, "decode": self.decode})
         width = field_value(TextDecoder, self.text, "width")
@@ -86,7 +89,7 @@ class CoCa(nn.Module):
             dropout_rate=field_value(TextDecoder, self.text, "dropout_rate"),
             attention_dropout_rate=field_value(TextDecoder, self.text, "attention_dropout_rate"),
             ln_epsilon=field_value(TextDecoder, self.text, "ln_epsilon"), remat=self.remat,
-            remat_policy=self.remat_policy, decode=self.decode, **dense)
+            remat_policy=self.remat_policy, decode=self.decode, attention=self.attention, **dense)
         self.ln_multimodal = layers.layer_norm(field_value(TextDecoder, self.text, "ln_epsilon"), self.dtype,
                                                self.param_dtype)
         vocab = field_value(TextDecoder, self.text, "vocab_size")

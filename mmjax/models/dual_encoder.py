@@ -42,6 +42,8 @@ class DualEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the towers' encoder layers (params stacked under */encoder/layers)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "towers", flax.core.FrozenDict(self.towers))
@@ -55,7 +57,7 @@ class DualEncoder(nn.Module):
             raise ValueError(f"DualEncoder: modalities {self.modalities} must be two distinct names, the keys of "
                              f"towers ({sorted(self.towers)})")
         shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-                      remat_policy=self.remat_policy)
+                      remat_policy=self.remat_policy, attention=self.attention, scan_layers=self.scan_layers)
         proj = dict(features=self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=partitioned(layers.dense_init, ("embed", "joint")))
         encoders, projections, kinds = {}, {}, {}

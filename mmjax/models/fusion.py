@@ -172,7 +172,7 @@ class _Fusion(nn.Module):
     def _pooled_vectors(self, names: Sequence[str], xs: Mapping[str, Array], ms: Mapping[str, Array]
                         ) -> dict[str, Array]:
         """Per-modality pooled vectors projected to width: {name: [B, width]} (pool, then project: cheaper)."""
-        return {n: layers.constrain(self._to_width(pool_tokens(xs[n], ms[n], self.pool), n), ("batch", "embed"))
+        return {n: layers.constrain(self._to_width(pool_tokens(xs[n], ms[n], self.pool), n), layers.POOLED_AXES)
                 for n in names}
 
 
@@ -189,6 +189,7 @@ class _TransformerFusion(_Fusion):
     ln_epsilon: float = 1e-6
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
 
     @property
     def _mlp_dim(self) -> int:
@@ -203,7 +204,8 @@ class _TransformerFusion(_Fusion):
         """Fields shared by every Block / CrossAttentionLayer of the block."""
         return dict(num_heads=self.num_heads, mlp_dim=self._mlp_dim, norm=self.norm, activation=self.activation,
                     dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-                    ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+                    ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                    attention=self.attention)
 
     def _encoder(self, depth: int, name: str) -> layers.Encoder:
         return layers.Encoder(depth=depth, remat=self.remat, remat_policy=self.remat_policy, **self._layer_kwargs(),
@@ -245,7 +247,7 @@ class _ConcatMLP(_Fusion):
 def _out(sequence: Optional[Array], mask: Optional[Array], pooled: Array, streams: Optional[dict[str, Array]],
          **extras: Any) -> Output:
     """The common output dict (see the module docstring)."""
-    return dict(sequence=sequence, mask=mask, pooled=layers.constrain(pooled, ("batch", "embed")), streams=streams,
+    return dict(sequence=sequence, mask=mask, pooled=layers.constrain(pooled, layers.POOLED_AXES), streams=streams,
                 **extras)
 
 
@@ -447,6 +449,7 @@ class _SymmetricLayer(nn.Module):
     ln_epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention
 
     @nn.compact
     def __call__(self, xs: Mapping[str, Array], biases: Mapping[str, Array], deterministic: bool = True
@@ -464,7 +467,8 @@ class _SymmetricLayer(nn.Module):
         for m in self.names:
             attn = functools.reduce(jnp.add, [
                 layers.MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-                                          dtype=self.dtype, param_dtype=self.param_dtype, name=f"attn_{m}_from_{n}")(
+                                          dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                                          name=f"attn_{m}_from_{n}")(
                     h[m], kv=h[n], bias=biases[n], deterministic=deterministic)
                 for n in self.names if n != m])
             mlp = layers.MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype,
@@ -602,7 +606,7 @@ class HybridFusion(_ConcatMLP):
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
         names, xs, ms = self._prepare(streams, masks)
-        fused = layers.constrain(self._concat_mlp(names, xs, ms, train), ("batch", "embed"))
+        fused = layers.constrain(self._concat_mlp(names, xs, ms, train), layers.POOLED_AXES)
         vecs = self._pooled_vectors(names, xs, ms)
         # Class dim unnamed, as in LateFusion.
         head = functools.partial(_dense, self.num_classes, ("embed", None), self.dtype, self.param_dtype)

@@ -56,7 +56,8 @@ mlm_proj (if needed), mlm_transform, mlm_bias, mpp_transform + mpp_decoder (mpp_
 logical axis names (see `layers`).
 `dtype` and `param_dtype` override the same keys in every tower and in `fusion_args`; `remat=True` turns
 rematerialisation on in every tower and the block (a sub-config may also turn it on by itself), with
-`remat_policy` unless the sub-config names its own. The block's extra outputs (gates, per-modality logits,
+`remat_policy` unless the sub-config names its own. `attention` other than "einsum" and `scan_layers=True` apply
+to every tower (and `attention` to the block) the same way. The block's extra outputs (gates, per-modality logits,
 bottleneck, ...) are sown as intermediates["fusion_extras"] (apply with mutable=["intermediates"] to read them).
 """
 from __future__ import annotations
@@ -117,6 +118,8 @@ class FusionModel(nn.Module):
     mpp_head: bool = False
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the towers' encoder layers (params stacked under */encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -137,6 +140,11 @@ class FusionModel(nn.Module):
             out["remat"] = bool(self.remat or kwargs.get("remat", False))
         if "remat_policy" in fields:
             out["remat_policy"] = kwargs.get("remat_policy", self.remat_policy)
+        # Like remat: on here turns them on everywhere they exist; a sub-config may still turn them on by itself.
+        if "attention" in fields and self.attention != "einsum":
+            out["attention"] = self.attention
+        if "scan_layers" in fields:
+            out["scan_layers"] = bool(self.scan_layers or kwargs.get("scan_layers", False))
         return out
 
     def tower(self, modality: str) -> tuple[TowerKind, dict[str, Any]]:
@@ -276,7 +284,7 @@ class FusionModel(nn.Module):
             self.sow("intermediates", "fusion_extras", extras)  # gates, per-modality logits, ... for analyses
 
         pooled = out["pooled"]
-        result = {"pooled": layers.constrain(pooled, ("batch", "embed"))}
+        result = {"pooled": layers.constrain(pooled, layers.POOLED_AXES)}
         for m in names:
             result[f"{m}_tokens"] = layers.constrain(fused[m])
             if self.tower(m)[0].mask_input is None:  # the batch does not carry this mask already

@@ -4,19 +4,28 @@ text embeddings, patch embedding and position-table interpolation, masked poolin
 Model families (clip, vilt, uniter, vilbert, fusion_model, bert) build from these, from the towers (vit.py, text.py),
 the heads (heads.py) and the fusion blocks (fusion.py); no family file imports another family's file.
 
-Logical axis names (every parameter carries them; `mmjax.sharding` maps them to mesh axes via config rules):
+Logical axis names of parameters (every parameter carries them; `mmjax.sharding` maps them to mesh axes via config
+rules):
 
-    embed    model width (d_model): LN scale/bias, residual stream, most kernel in/out dims
+    embed    model width (d_model): LN scale/bias, most kernel in/out dims
     mlp      hidden width of the feed-forward MLP
     heads    attention heads
     kv       per-head width (head_dim) of q/k/v
     vocab    token vocabulary (embedding tables)
-    length   sequence position (position-embedding tables; activations use it too)
+    length   sequence position (position-embedding tables)
     joint    output width of the CLIP image/text projections (the shared embedding space)
+    layers   the leading depth axis of an Encoder's stacked params under nn.scan (Encoder(scan=True)); never sharded
     None     dims never sharded: conv/patch spatial dims and input channels, scalar params have ()
 
-Activations additionally use `batch` (and `length`, `embed`) in `nn.with_logical_constraint`, a no-op unless the
-trainer sets a mesh and logical-axis rules.
+Activations use their own names in `nn.with_logical_constraint` (via `constrain`; a no-op unless the trainer sets a
+mesh and logical-axis rules), so that a rule for a parameter axis never moves an activation axis and vice versa:
+
+    activation_batch    batch (ACT_AXES, pooled vectors, decoding caches)
+    activation_length   sequence position of token activations and of the caches
+    activation_embed    model width of the residual stream and pooled vectors
+    activation_heads    attention heads of the decoding caches (CACHE_AXES)
+    activation_kv       per-head width of the decoding caches
+    activation_joint    the joint embedding width of contrastive embeds (the tasks constrain those)
 """
 from __future__ import annotations
 
@@ -36,8 +45,14 @@ Array = jax.Array
 # the bias is added, so this dwarfs any real logit without overflowing.
 NEG_INF = -1e9
 
-ACT_AXES = ("batch", "length", "embed")
-CACHE_AXES = ("batch", "heads", "length", "kv")  # decoding's key/value caches, heads-major [B, H, L, D]
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")  # token activations [B, L, E]
+POOLED_AXES = ("activation_batch", "activation_embed")  # pooled vectors [B, E]
+# Decoding's key/value caches, heads-major [B, H, L, D].
+CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+
+# MultiHeadAttention.attention values: "einsum" is our own two-einsum path; the others go through
+# jax.nn.dot_product_attention with this `implementation` ("auto": jax picks, today XLA).
+ATTENTION_IMPLEMENTATIONS: dict[str, Optional[str]] = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
 
 # Inits: xavier-uniform for dense kernels (ViT/BERT-style), normal(0.02) for embeddings, zeros for biases.
 dense_init = nn.initializers.xavier_uniform()
@@ -131,13 +146,14 @@ def remat_policy_names() -> list[str]:
 
 
 def remat(module_cls: type[nn.Module], enabled: bool, policy_name: str = "nothing_saveable",
-          static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+          static_argnums: Sequence[int] = (), prevent_cse: bool = True) -> type[nn.Module]:
     """`module_cls` rematerialised with jax.checkpoint_policies.<policy_name> when `enabled`, else unchanged.
 
     The one place models turn `remat` / `remat_policy` into nn.remat. `static_argnums` counts `self` as 0; pass
     the position of `deterministic` (a Python bool that picks code paths, so it cannot be traced). The policy
     name is checked even when remat is off, so a typo in a config fails at once rather than when remat is
-    turned on.
+    turned on. prevent_cse=False is for remat inside nn.scan, where the loop already keeps XLA from merging the
+    recomputation with the forward pass (jax.checkpoint's docs).
     """
     valid = remat_policy_names()
     if policy_name not in valid:
@@ -145,7 +161,7 @@ def remat(module_cls: type[nn.Module], enabled: bool, policy_name: str = "nothin
     if not enabled:
         return module_cls
     return nn.remat(module_cls, policy=getattr(jax.checkpoint_policies, policy_name),
-                    static_argnums=tuple(static_argnums))
+                    static_argnums=tuple(static_argnums), prevent_cse=prevent_cse)
 
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
@@ -285,6 +301,28 @@ class HeadsOutput(nn.Module):
         return y
 
 
+def check_attention(attention: str, attention_dropout_rate: float = 0.0) -> None:
+    """Raises a one-line ValueError for an unknown `attention` or attention dropout with a fused kernel."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention {attention!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    if attention != "einsum" and attention_dropout_rate > 0:
+        raise ValueError(f"attention={attention!r} has no attention dropout (jax.nn.dot_product_attention); set "
+                         f"attention_dropout_rate=0 or attention='einsum' (got {attention_dropout_rate})")
+
+
+def _fused_bias(bias: Optional[Array], attention: str, q: Array, k: Array) -> Optional[Array]:
+    """Our additive bias (broadcastable to [B, H, Lq, Lk]) as dot_product_attention takes it: 4-D, float32 for
+    XLA (added to float32 logits); cuDNN wants the full [., ., Lq, Lk] extent in the compute dtype."""
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    if attention == "cudnn":
+        shape = (bias.shape[0], bias.shape[1], q.shape[1], k.shape[1])
+        return jnp.broadcast_to(bias, shape).astype(q.dtype)
+    return bias.astype(jnp.float32)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention with separate q/k/v projections and an additive mask bias.
 
@@ -296,6 +334,13 @@ class MultiHeadAttention(nn.Module):
     the projected memory. Later calls append the new positions' keys at `cache_index`, attend causally over the
     cache (queries at absolute positions index .. index + T - 1), and reuse the stored memory keys, so `kv` is
     ignored then and may be any array of the right batch size.
+
+    `attention` picks the kernel: "einsum" (default) is our own batched einsums with a float32 softmax; "xla",
+    "cudnn" and "auto" call `jax.nn.dot_product_attention` with implementation "xla" / "cudnn" / None (jax's
+    choice), in its [B, L, H, D] layout, with the additive `bias` as its bias (logits and softmax in float32 for
+    bf16 inputs). The same parameters serve every choice. "cudnn" needs a GPU and bf16/fp16 compute (and, for
+    training with a mask, even sequence lengths). dot_product_attention has no dropout, so attention_dropout_rate
+    > 0 needs "einsum". The decode path (KV cache) always uses the einsum path.
     """
 
     num_heads: int
@@ -306,6 +351,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode: bool = False
+    attention: str = "einsum"  # a key of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(
@@ -321,9 +367,19 @@ class MultiHeadAttention(nn.Module):
         if self.head_dim is None and width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = self.head_dim or width // self.num_heads
+        check_attention(self.attention, self.attention_dropout_rate)
 
         proj = functools.partial(HeadsProjection, num_heads=self.num_heads, head_dim=head_dim,
                                  use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        output = functools.partial(HeadsOutput, features=self.out_features or width, use_bias=self.use_bias,
+                                   dtype=self.dtype, param_dtype=self.param_dtype, name="out")
+        if self.attention != "einsum" and not self.decode:
+            # [B, L, H, D] throughout, dot_product_attention's layout: no transposes. It scales the float32 logits.
+            q, k, v = proj(name="query")(x), proj(name="key")(kv), proj(name="value")(kv)
+            out = jax.nn.dot_product_attention(q, k, v, bias=_fused_bias(bias, self.attention, q, k),
+                                               scale=head_dim**-0.5,
+                                               implementation=ATTENTION_IMPLEMENTATIONS[self.attention])
+            return output()(out)
         # Scale q (smaller than the logits tensor) rather than the [B, H, Lq, Lk] logits.
         q = jnp.swapaxes(proj(name="query")(x) * jnp.asarray(head_dim**-0.5, self.dtype), 1, 2)
         cross = kv is not x
@@ -347,9 +403,7 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
         out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
-
-        return HeadsOutput(features=self.out_features or width, use_bias=self.use_bias, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="out")(out)
+        return output()(out)
 
     def _append_to_cache(self, k: Array, v: Array, bias: Optional[Array]) -> tuple[Array, Array, Optional[Array]]:
         """Self-attention decoding: writes k, v [B, H, T, D] at cache_index and returns the whole cache with the
@@ -418,6 +472,7 @@ class Block(nn.Module):
     ln_epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # MultiHeadAttention.attention
 
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -432,6 +487,7 @@ class Block(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attention=self.attention,
             name="attn",
         )
         mlp = MLP(
@@ -471,6 +527,7 @@ class CrossAttentionLayer(nn.Module):
     ln_epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # MultiHeadAttention.attention
 
     @nn.compact
     def __call__(self, x: Array, kv: Array, kv_bias: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -479,7 +536,8 @@ class CrossAttentionLayer(nn.Module):
             raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
         ln = functools.partial(layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
         attn = MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attn")
+                                  dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                                  name="cross_attn")
         mlp = MLP(self.mlp_dim, self.activation, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="mlp")
         drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
@@ -516,6 +574,7 @@ class DecoderBlock(nn.Module):
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # MultiHeadAttention.attention (decoding always runs the einsum path)
 
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array] = None, memory: Optional[Array] = None,
@@ -529,7 +588,7 @@ class DecoderBlock(nn.Module):
         ln = functools.partial(layer_norm, self.ln_epsilon, self.dtype, self.param_dtype)
         attn = functools.partial(MultiHeadAttention, num_heads=self.num_heads, decode=self.decode,
                                  attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+                                 param_dtype=self.param_dtype, attention=self.attention)
         drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
         self_bias = None if self.decode else bias
         sublayers = [("ln_1", lambda h: attn(name="attn")(h, bias=self_bias, deterministic=deterministic))]
@@ -568,6 +627,7 @@ class Decoder(nn.Module):
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # MultiHeadAttention.attention (decoding always runs the einsum path)
 
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array] = None, memory: Optional[Array] = None,
@@ -580,15 +640,25 @@ class Decoder(nn.Module):
                           norm=self.norm, activation=self.activation, dropout_rate=self.dropout_rate,
                           attention_dropout_rate=self.attention_dropout_rate, ln_epsilon=self.ln_epsilon,
                           decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"layer_{i}")(x, bias, memory, memory_bias, deterministic)
+                          attention=self.attention, name=f"layer_{i}")(x, bias, memory, memory_bias, deterministic)
         return x
 
 
-class Encoder(nn.Module):
-    """Stack of `depth` Blocks named layer_0 ... layer_{depth-1}, optionally rematerialised.
+class _ScanBlock(Block):
+    """A Block in nn.scan's body form: (x, bias, deterministic) -> (x, None), with the Block's own parameters."""
 
-    A plain Python loop (not nn.scan) keeps parameter names per layer, which weight conversion and per-layer
-    learning-rate decay rely on; compile time is fine at the depths we use.
+    def __call__(self, x: Array, bias: Optional[Array] = None, deterministic: bool = True) -> tuple[Array, None]:
+        """As Block.__call__; the None is scan's (empty) per-layer output."""
+        return super().__call__(x, bias, deterministic), None
+
+
+class Encoder(nn.Module):
+    """Stack of `depth` Blocks, optionally rematerialised.
+
+    scan=False (default): a Python loop; parameters layer_0 ... layer_{depth-1}, which weight conversion and
+    per-layer learning-rate decay (optimizer.layer_decay) read. scan=True: one Block under nn.scan (compiles once
+    however deep); parameters `layers/...` stacked with a leading [depth] axis named "layers" (never sharded).
+    `mmjax.models.scan_params` converts between the two layouts, so both load the same checkpoints.
     """
 
     depth: int
@@ -603,31 +673,35 @@ class Encoder(nn.Module):
     remat_policy: str = "nothing_saveable"  # any name in jax.checkpoint_policies
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # MultiHeadAttention.attention
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: Array, bias: Optional[Array] = None, deterministic: bool = True) -> Array:
         """x: [B, L, E] -> [B, L, E] (no final LayerNorm: the model owning the stack adds it)."""
+        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm=self.norm, activation=self.activation,
+                     dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+                     ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                     attention=self.attention)
+        if self.scan:
+            # nn.remat inside nn.scan: each step recomputes its own Block in the backward pass. deterministic (3)
+            # stays a Python bool: broadcast args reach the body as they are.
+            body = remat(_ScanBlock, self.remat, self.remat_policy, static_argnums=(3,), prevent_cse=False)
+            stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(**block, name="layers")(x, bias, deterministic)
+            return x
         # static_argnums counts `self` as 0: `deterministic` (3) is a Python bool that selects code paths.
         block_cls = remat(Block, self.remat, self.remat_policy, static_argnums=(3,))
         for i in range(self.depth):
-            x = block_cls(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                norm=self.norm,
-                activation=self.activation,
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                ln_epsilon=self.ln_epsilon,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"layer_{i}",
-            )(x, bias, deterministic)
+            x = block_cls(**block, name=f"layer_{i}")(x, bias, deterministic)
         return x
 
 
 def tower_encoder(tower: nn.Module, name: str = "encoder") -> Encoder:
     """The Encoder of a tower module whose fields use the towers' names (depth, heads, width, mlp_dim, norm, ...,
-    remat, remat_policy)."""
+    remat, remat_policy, and where it has them attention and scan_layers)."""
     return Encoder(
         depth=tower.depth,
         num_heads=tower.heads,
@@ -641,6 +715,8 @@ def tower_encoder(tower: nn.Module, name: str = "encoder") -> Encoder:
         remat_policy=tower.remat_policy,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
+        attention=getattr(tower, "attention", "einsum"),
+        scan=getattr(tower, "scan_layers", False),
         name=name,
     )
 

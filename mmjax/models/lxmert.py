@@ -67,6 +67,7 @@ class CrossModalityLayer(nn.Module):
     ln_epsilon: float = 1e-12
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention
 
     @nn.compact
     def __call__(self, text: Array, text_bias: Array, image: Array, image_bias: Array,
@@ -75,7 +76,8 @@ class CrossModalityLayer(nn.Module):
         # One module called twice: HF's LxmertXLayer builds a single `visual_attention` and uses it for
         # language->vision and vision->language, so both directions share projections and LayerNorm.
         attn = layers.MultiHeadAttention(num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-                                         dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attn")
+                                         dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                                         name="cross_attn")
         ln = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_cross")
         drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
 
@@ -87,7 +89,7 @@ class CrossModalityLayer(nn.Module):
         block = functools.partial(Block, num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm="post",
                                   activation=self.activation, dropout_rate=self.dropout_rate,
                                   attention_dropout_rate=self.attention_dropout_rate, ln_epsilon=self.ln_epsilon,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+                                  dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         text = block(name="text")(new_text, text_bias, deterministic)
         image = block(name="image")(new_image, image_bias, deterministic)
         return text, image
@@ -151,6 +153,7 @@ class LXMERT(nn.Module):
     vqa_labels: Optional[int] = None  # LXMERT's answer head on the pooled output with this many answers
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -170,7 +173,8 @@ class LXMERT(nn.Module):
         """Fields shared by every Block and CrossModalityLayer (all post-LN, as BERT/LXMERT)."""
         return dict(num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width, activation=self.activation,
                     dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-                    ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+                    ln_epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                    attention=self.attention)
 
     def _validate(self, batch: Mapping[str, Array]) -> dict[str, Array]:
         """Checks keys and shapes; returns the inputs as arrays, masks as int32 0/1, optional ones filled in."""
@@ -257,7 +261,7 @@ class LXMERT(nn.Module):
         text, image = layers.constrain(text), layers.constrain(image)
 
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        pooled = layers.constrain(heads.pooler(text[:, 0], **dt), ("batch", "embed"))  # tanh(Dense(text [CLS]))
+        pooled = layers.constrain(heads.pooler(text[:, 0], **dt), layers.POOLED_AXES)  # tanh(Dense(text [CLS]))
         out = {"text_tokens": text, "image_tokens": image, "image_mask": x["region_mask"], "pooled": pooled,
                # Hugging Face LxmertModel's names for the same arrays.
                "language_output": text, "vision_output": image, "pooled_output": pooled}

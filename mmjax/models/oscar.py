@@ -69,6 +69,8 @@ class OSCAR(nn.Module):
     vqa_labels: Optional[int] = None  # an answer classifier (VQA) on the pooled output with this many answers
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -139,7 +141,7 @@ class OSCAR(nn.Module):
         pooled = heads.pooler(x[:, 0], **dt)
         pad_first = lambda y: jnp.pad(y, ((0, 0), (1, 0), (0, 0)))  # noqa: E731  (back to [B, T] rows)
         out = {"text_tokens": text_tokens, "tags_tokens": pad_first(tag_tokens), "image_tokens": image_tokens,
-               "image_mask": region_mask, "pooled": layers.constrain(pooled, ("batch", "embed"))}
+               "image_mask": region_mask, "pooled": layers.constrain(pooled, layers.POOLED_AXES)}
         if self.itm_head:
             out["itm_logits"] = heads.itm_logits(pooled, **dt)
         if self.vqa_labels is not None:

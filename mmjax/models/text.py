@@ -21,7 +21,8 @@ class TextTransformer(nn.Module):
     Returns `(pooled [B, width], tokens [B, L, width])`.
 
     Parameters: embeddings/{word_embedding [vocab_size, width], pos_embedding [max_len, width], type_embedding
-    [type_vocab_size, width] (type_vocab_size > 0), ln (embed_ln)} (layers.TextEmbeddings), encoder/layer_{i},
+    [type_vocab_size, width] (type_vocab_size > 0), ln (embed_ln)} (layers.TextEmbeddings), encoder/layer_{i}
+    (encoder/layers with scan_layers),
     ln_final (final_ln).
     """
 
@@ -47,6 +48,8 @@ class TextTransformer(nn.Module):
     # Added last so positional construction keeps working: the id that pool="eos_id" looks for.
     eos_token_id: Optional[int] = None
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat); last for the same reason
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
 
     @nn.compact
     def __call__(
@@ -102,4 +105,4 @@ class TextTransformer(nn.Module):
             pooled = jnp.take_along_axis(tokens, pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         else:
             pooled = layers.masked_mean(tokens, text_mask)
-        return layers.constrain(pooled, ("batch", "embed")), tokens
+        return layers.constrain(pooled, layers.POOLED_AXES), tokens

@@ -43,6 +43,7 @@ class TextDecoder(nn.Module):
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention (decoding itself always runs "einsum")
 
     @nn.compact
     def __call__(self, ids: Array, mask: Optional[Array] = None, memory: Optional[Array] = None,
@@ -78,7 +79,7 @@ class TextDecoder(nn.Module):
                            dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
                            ln_epsilon=self.ln_epsilon, remat=self.remat, remat_policy=self.remat_policy,
                            decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="decoder")(x, bias, memory, memory_bias, deterministic)
+                           attention=self.attention, name="decoder")(x, bias, memory, memory_bias, deterministic)
         if self.norm == "pre":
             x = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln_final")(x)
         out = {"tokens": layers.constrain(x), "word_table": table}

@@ -70,6 +70,8 @@ class UNITER(nn.Module):
     mrc_head: bool = True
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -143,7 +145,7 @@ class UNITER(nn.Module):
             "text_tokens": text_tokens,
             "image_tokens": image_tokens,
             "image_mask": region_mask,
-            "pooled": layers.constrain(pooled, ("batch", "embed")),
+            "pooled": layers.constrain(pooled, layers.POOLED_AXES),
         }
         transform = dict(activation=self.activation, ln_epsilon=self.ln_epsilon, **dt)
         if self.itm_head:

@@ -83,6 +83,7 @@ class ViLBERT(nn.Module):
     mrc_head: bool = True
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -101,7 +102,7 @@ class ViLBERT(nn.Module):
         return dict(num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width, norm="post",
                     activation=self.activation, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, ln_epsilon=self.ln_epsilon,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+                    dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
 
     def _validate(self, batch: Mapping[str, Array]) -> dict[str, Array]:
         """Checks keys and shapes; returns the inputs as arrays, masks as int32 0/1, optional ones filled in."""
@@ -204,7 +205,7 @@ class ViLBERT(nn.Module):
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         text_pooled = heads.pooler(text[:, 0], name="text_pooler", activation=nn.relu, **dt)
         image_pooled = heads.pooler(image[:, 0], name="image_pooler", activation=nn.relu, **dt)
-        pooled = layers.constrain(text_pooled * image_pooled, ("batch", "embed"))
+        pooled = layers.constrain(text_pooled * image_pooled, layers.POOLED_AXES)
         regions = image[:, 1:]
         out = {"text_tokens": text, "image_tokens": regions, "image_mask": x["region_mask"], "pooled": pooled}
 

@@ -12,7 +12,7 @@ cls/position/modality embeddings), so its weights map one-to-one; the defaults a
 Parameters:
     text_embeddings/{word_embedding, pos_embedding, type_embedding, ln}   (layers.TextEmbeddings)
     patch_kernel, patch_bias, cls, image_pos_embedding, mask_patch (mpp_head)   (image embeddings)
-    modality_embedding, encoder/layer_{i}, ln_final (norm="pre"), pooler
+    modality_embedding, encoder/layer_{i} (encoder/layers with scan_layers), ln_final (norm="pre"), pooler
     heads: mlm_transform + mlm_bias (decoder tied to text_embeddings/word_embedding), itm_head,
            mpp_transform + mpp_decoder, vqa_head (heads.AnswerClassifier: dense, ln, out), rank_head
 """
@@ -93,6 +93,8 @@ class ViLT(nn.Module):
     rank_head: bool = False  # image-text retrieval score Dense(1) (ViltForImageAndTextRetrieval)
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -221,7 +223,7 @@ class ViLT(nn.Module):
         out = {
             "text_tokens": text_tokens,
             "image_tokens": image_tokens,
-            "pooled": layers.constrain(pooled, ("batch", "embed")),
+            "pooled": layers.constrain(pooled, layers.POOLED_AXES),
             "image_mask": image_mask,
             "patch_index": patch_index,
             # Hugging Face ViltModel's name for the whole sequence (an extra copy only where a jit returns it whole).

@@ -73,6 +73,8 @@ class VisualBERT(nn.Module):
     mrc_head: bool = False
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -137,7 +139,7 @@ class VisualBERT(nn.Module):
         text_tokens, image_tokens = x[:, :length], x[:, length:]
 
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        pooled = layers.constrain(heads.pooler(x[:, 0], **dt), ("batch", "embed"))  # tanh(Dense(text [CLS]))
+        pooled = layers.constrain(heads.pooler(x[:, 0], **dt), layers.POOLED_AXES)  # tanh(Dense(text [CLS]))
         out = {
             "text_tokens": text_tokens,
             "image_tokens": image_tokens,

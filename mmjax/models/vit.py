@@ -20,6 +20,7 @@ class MAPHead(nn.Module):
     ln_epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -28,8 +29,8 @@ class MAPHead(nn.Module):
         probe = self.param("probe", partitioned(layers.dense_init, (None, "embed")), (1, width), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(self.dtype)[None], (x.shape[0], 1, width))
         x = layers.MultiHeadAttention(
-            num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
-        )(probe, kv=x)
+            num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+            name="attn")(probe, kv=x)
         y = layers.layer_norm(self.ln_epsilon, self.dtype, self.param_dtype, name="ln")(x)
         x = x + layers.MLP(
             self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp"
@@ -44,8 +45,8 @@ class ViT(nn.Module):
     cls token first when `cls_token`), so fusion models can consume them directly.
 
     Parameters: patch_kernel [p, p, C, D], patch_bias [D] (patch_bias=True), cls [D] (with a cls token),
-    mask_patch [D] (mask_token=True), pos_embedding [N, D], ln_pre (ln_pre=True), encoder/layer_{i}, ln_post,
-    map_head (pool="map").
+    mask_patch [D] (mask_token=True), pos_embedding [N, D], ln_pre (ln_pre=True), encoder/layer_{i} (encoder/layers
+    with scan_layers), ln_post, map_head (pool="map").
     """
 
     patch_size: int = 16
@@ -66,6 +67,8 @@ class ViT(nn.Module):
     ln_epsilon: float = 1e-6
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (layers.remat)
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -134,9 +137,10 @@ class ViT(nn.Module):
                 ln_epsilon=self.ln_epsilon,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                attention=self.attention,
                 name="map_head",
             )(tokens)
-        return layers.constrain(pooled, ("batch", "embed")), tokens
+        return layers.constrain(pooled, layers.POOLED_AXES), tokens
 
 
 # Hugging Face ViTModel's structure; the `image` dict of ViTModel adds sizes (patch_size, image_size, width, ...).
@@ -148,8 +152,8 @@ class ViTModel(nn.Module):
     """ViT with Hugging Face ViTModel's outputs: `image_encoder` (ViT) -> {"last_hidden_state", "pooler_output"}.
 
     last_hidden_state is every token after the final LayerNorm (cls first); pooler_output is HF's
-    tanh(Dense(cls token)). `dtype`, `param_dtype`, `remat` and `remat_policy` override the same keys in
-    `image`.
+    tanh(Dense(cls token)). `dtype`, `param_dtype`, `remat`, `remat_policy`, `attention` and `scan_layers` override
+    the same keys in `image`.
     `mmjax.convert.hf_vit` maps HF weights onto it.
     """
 
@@ -160,6 +164,8 @@ class ViTModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "einsum"  # layers.MultiHeadAttention.attention: "einsum" | "xla" | "cudnn" | "auto"
+    scan_layers: bool = False  # nn.scan over the encoder's layers (params stacked under encoder/layers)
 
     def __post_init__(self) -> None:
         # Frozen so the Module stays hashable (jit static args, flax's module caching).
@@ -170,7 +176,8 @@ class ViTModel(nn.Module):
     def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Array]:
         """batch["image"]: float [B, H, W, C] (channels last; HF's pixel_values transposed)."""
         kwargs = {**HF_VIT_DEFAULTS, **dict(self.image), "dtype": self.dtype, "param_dtype": self.param_dtype,
-                  "remat": self.remat, "remat_policy": self.remat_policy}
+                  "remat": self.remat, "remat_policy": self.remat_policy, "attention": self.attention,
+                  "scan_layers": self.scan_layers}
         _, tokens = ViT(**kwargs, name="image_encoder")(batch["image"], train=train)
         out = {"last_hidden_state": tokens}
         if self.pooler:

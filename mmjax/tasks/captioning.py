@@ -57,8 +57,8 @@ class CaptioningTask:
         metrics = {"caption_loss": caption, "token_accuracy": accuracy}
         total = self.caption_weight * caption
         if "image_embeds" in out:
-            zimg = nn.with_logical_constraint(out["image_embeds"], ("batch", "joint"))
-            ztxt = nn.with_logical_constraint(out["text_embeds"], ("batch", "joint"))
+            zimg = nn.with_logical_constraint(out["image_embeds"], ("activation_batch", "activation_joint"))
+            ztxt = nn.with_logical_constraint(out["text_embeds"], ("activation_batch", "activation_joint"))
             contrastive = losses.softmax_contrastive_loss(zimg, ztxt, out["logit_scale"])
             total = total + self.contrastive_weight * contrastive
             metrics.update(contrastive_loss=contrastive, logit_scale=out["logit_scale"],
