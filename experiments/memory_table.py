@@ -7,8 +7,9 @@ For clip:large (SigLIP-style ViT-L/14 + 12x768 text), vilt:base and coca:base, o
 (one subprocess per device count: XLA fixes the count at start-up) and several (data, fsdp, tensor) meshes, the
 trainer's dry run builds the real train step with the run's shardings and XLA reports per-device bytes: parameters
 + optimizer state (from the shardings), arguments, outputs and temporaries (XLA's memory analysis). The global batch
-is one example per device. Also: the compile time of the clip:large step (24-layer image tower) with the layers
-unrolled and under nn.scan, on 8 devices. Results: experiments/results/memory_table.json and .md.
+is one example per device; layers run under nn.scan. Also: the time of the clip:large dry run (building the model
+and compiling its step: a 24-layer image tower and a 12-layer text tower) with the layers unrolled and under
+nn.scan, on 8 devices. Results: experiments/results/memory_table.json and .md.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{mib(r['output_size_in_bytes'])} | {mib(r['temp_size_in_bytes'])} |")
     times = [r for r in rows if r.get("kind") == "compile_time"]
     if times:
-        lines += ["", "| clip:large step, 8 devices | compile (s) |", "|---|---|"]
+        lines += ["", "| clip:large step, 8 devices, FSDP | dry run: build + compile (s) |", "|---|---|"]
         lines += [f"| {'nn.scan' if r['scan'] else 'unrolled'} layers | {r['compile_s']} |" for r in times]
     return "\n".join(lines) + "\n"
 

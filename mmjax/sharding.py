@@ -152,9 +152,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """NamedShardings for a tree of nn.LogicallyPartitioned (or plain) leaves; plain leaves are replicated."""
+    """NamedShardings for a tree of nn.LogicallyPartitioned (or plain) leaves; plain leaves are replicated. A
+    dimension the rules would split unevenly (BERT's 30,522-word vocabulary over tensor=4) stays whole instead."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    shapes = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), nn.meta.unbox(boxed_tree))
+    return jax.tree.map(lambda shape, s: _divisible(shape, s, mesh), shapes, shardings,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _divisible(shape: tuple, named: NamedSharding, mesh: Mesh) -> NamedSharding:
+    """`named` with the mesh axes of every dimension they do not divide evenly dropped."""
+    spec, changed = list(named.spec), False
+    for i, axes in enumerate(spec):
+        if axes is None or i >= len(shape):
+            continue
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        if shape[i] % size:
+            spec[i], changed = None, True
+    return NamedSharding(mesh, PartitionSpec(*spec)) if changed else named
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

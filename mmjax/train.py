@@ -314,6 +314,8 @@ def main(argv: list[str]) -> None:
                                                           _DISTRIBUTED.value))
     except ValueError as e:
         cli.fail(str(e))
+    if jax.process_index() > 0 and logging.get_verbosity() == logging.INFO:
+        logging.set_verbosity(logging.WARNING)  # one host tells the story; the others speak up only on problems
     config = cli.config_flag()
     if config is None:
         cli.fail("--config is required, e.g. --config=configs/clip.py")

@@ -21,7 +21,7 @@ from mmjax import checkpoint, losses, optim, sharding
 from mmjax import state as state_lib
 from mmjax import train as trainer
 from mmjax.data import pipeline
-from mmjax.models import build_model
+from mmjax.models import build_model, layers
 from mmjax.tasks import get_task
 from mmjax.tasks.contrastive import ContrastiveTask
 
@@ -388,3 +388,21 @@ def small_audio_config(load_audio_config, name):
 def test_sharded_step_equals_single_device_audio(load_audio_config, name):
     """SpecAugment's masks and the on-device log-mel included: the same loss and gradients on a 2x2x2 mesh."""
     check_sharded_equals_single(small_audio_config(load_audio_config, name), dict(data=2, fsdp=2, tensor=2))
+
+
+def test_a_dimension_the_mesh_does_not_divide_stays_whole():
+    """BERT's 30,522-word vocabulary over tensor=4: that dimension is replicated, the others still split."""
+    class Tables(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            self.param("words", layers.partitioned(nn.initializers.zeros, ("vocab", "embed")), (30522, 64))
+            self.param("bias", layers.partitioned(nn.initializers.zeros, ("vocab",)), (30522,))
+            self.param("hidden", layers.partitioned(nn.initializers.zeros, ("mlp",)), (256,))
+            return x
+
+    boxed = jax.eval_shape(Tables().init, jax.random.key(0), jnp.zeros(1))["params"]
+    config = sharding.default_mesh_config()
+    config.update(dict(data=1, fsdp=2, tensor=4))
+    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.logical_shardings(
+        boxed, sharding.create_mesh(config), sharding.DEFAULT_RULES))
+    assert specs == {"words": (None, "fsdp"), "bias": (None,), "hidden": ("tensor",)}
