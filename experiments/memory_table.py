@@ -15,9 +15,11 @@ nn.scan, on 8 devices. Results: experiments/results/memory_table.json and .md.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -126,8 +128,10 @@ def main() -> None:
         rows += found
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "memory_table.json"), "w") as f:
-        json.dump(dict(command="python experiments/memory_table.py " + " ".join(sys.argv[1:]), rows=rows), f,
-                  indent=1)
+        json.dump(dict(command="python experiments/memory_table.py " + " ".join(sys.argv[1:]),
+                       date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                       versions={m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "flax")}, rows=rows),
+                  f, indent=1)
     table = markdown(rows)
     with open(os.path.join(RESULTS, "memory_table.md"), "w") as f:
         f.write(table)

@@ -46,6 +46,7 @@ DEFAULT_RULES = (
     ("activation_embed", None),
     ("activation_kv", None),
     ("activation_joint", None),
+    ("activation_vocab", None),
     # Parameters.
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -157,8 +158,29 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
     specs = nn.get_partition_spec(boxed_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
     shapes = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), nn.meta.unbox(boxed_tree))
-    return jax.tree.map(lambda shape, s: _divisible(shape, s, mesh), shapes, shardings,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    names = jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda shape, name, s: _fill_fsdp(shape, name, _divisible(shape, s, mesh), mesh),
+                        shapes, names, shardings, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _fill_fsdp(shape: tuple, logical: tuple, named: NamedSharding, mesh: Mesh) -> NamedSharding:
+    """ZeRO-3 for every parameter: one the rules leave whole on fsdp (a bias over `mlp` or `heads` when tensor=1,
+    a vocabulary-sized bias) is split on fsdp along its largest free dimension that fsdp divides. Without this,
+    those small replicated leaves dominate the bytes per device at 256-way FSDP. A scan's `layers` axis is never
+    split (each step slices one layer)."""
+    fsdp = mesh.shape.get("fsdp", 1)
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    axes_of = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)  # noqa: E731
+    if fsdp == 1 or any("fsdp" in axes_of(axes) for axes in spec):
+        return named
+    # A dimension on mesh axes of size 1 (`mlp` on tensor=1) is as whole as an unnamed one.
+    free = [i for i, size in enumerate(shape) if math.prod(mesh.shape[a] for a in axes_of(spec[i])) == 1
+            and size % fsdp == 0 and (i >= len(logical) or logical[i] != "layers")]
+    if not free:
+        return named
+    i = max(free, key=lambda i: shape[i])
+    spec[i] = (*axes_of(spec[i]), "fsdp") if spec[i] is not None else "fsdp"
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def _divisible(shape: tuple, named: NamedSharding, mesh: Mesh) -> NamedSharding:

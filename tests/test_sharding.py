@@ -390,19 +390,25 @@ def test_sharded_step_equals_single_device_audio(load_audio_config, name):
     check_sharded_equals_single(small_audio_config(load_audio_config, name), dict(data=2, fsdp=2, tensor=2))
 
 
-def test_a_dimension_the_mesh_does_not_divide_stays_whole():
-    """BERT's 30,522-word vocabulary over tensor=4: that dimension is replicated, the others still split."""
+def test_every_parameter_is_split_on_fsdp_where_a_dimension_allows():
+    """Rules first; a dimension the mesh does not divide (a 30,521-row table over tensor=2) stays whole; a leaf the
+    rules leave whole on fsdp is split on its largest free dimension fsdp divides, never a scan's layers axis."""
     class Tables(nn.Module):
         @nn.compact
         def __call__(self, x):
-            self.param("words", layers.partitioned(nn.initializers.zeros, ("vocab", "embed")), (30522, 64))
-            self.param("bias", layers.partitioned(nn.initializers.zeros, ("vocab",)), (30522,))
-            self.param("hidden", layers.partitioned(nn.initializers.zeros, ("mlp",)), (256,))
+            param = lambda name, axes, shape: self.param(  # noqa: E731
+                name, layers.partitioned(nn.initializers.zeros, axes), shape)
+            param("words", ("vocab", "embed"), (30521, 64))
+            param("bias", ("vocab",), (30521,))
+            param("hidden", ("mlp",), (256,))
+            param("qkv_bias", ("heads", "kv"), (12, 64))
+            param("stacked_bias", ("layers", "kv"), (12, 6))
             return x
 
     boxed = jax.eval_shape(Tables().init, jax.random.key(0), jnp.zeros(1))["params"]
     config = sharding.default_mesh_config()
-    config.update(dict(data=1, fsdp=2, tensor=4))
+    config.update(dict(data=1, fsdp=4, tensor=2))
     specs = jax.tree.map(lambda s: tuple(s.spec), sharding.logical_shardings(
         boxed, sharding.create_mesh(config), sharding.DEFAULT_RULES))
-    assert specs == {"words": (None, "fsdp"), "bias": (None,), "hidden": ("tensor",)}
+    assert specs == {"words": (None, "fsdp"), "bias": (None,), "hidden": ("tensor",),
+                     "qkv_bias": ("tensor", "fsdp"), "stacked_bias": (None, None)}
