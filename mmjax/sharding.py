@@ -101,8 +101,8 @@ def _device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.nd
     """Devices of one slice in a grid of `shape`, topology-aware where the platform allows."""
     try:
         return mesh_utils.create_device_mesh(shape, list(devices))
-    except (ValueError, AssertionError, NotImplementedError):
-        # Topology-aware placement is unavailable for some device kinds (e.g. fake CPU devices).
+    except (ValueError, AssertionError, NotImplementedError, AttributeError):
+        # Topology-aware placement is unavailable for some device kinds (fake CPU devices, devices without coords).
         return np.asarray(devices).reshape(shape)
 
 

@@ -100,7 +100,7 @@ def _flat(tree) -> dict:
 def test_two_processes_train_clip_as_one_and_resume_exactly_after_kill_9(embedded_data_dir, tmp_path):
     steps = ["--config.train.steps=6", "--config.checkpoint.every_steps=2"]
     reference = str(tmp_path / "one_process")
-    _run(CLIP + steps, reference, embedded_data_dir, 1)
+    reference_proc = _launch(CLIP + steps, reference, embedded_data_dir, 1)  # beside the 2-process run
 
     run = str(tmp_path / "two_processes")
     procs = _launch(CLIP + steps, run, embedded_data_dir, 2)
@@ -115,6 +115,8 @@ def test_two_processes_train_clip_as_one_and_resume_exactly_after_kill_9(embedde
     codes, outputs = _wait(procs)
     assert codes == [-signal.SIGKILL] * 2, "\n".join(o[-3000:] for o in outputs)
     assert checkpoint.Checkpointer(run, checkpoint.default_checkpoint_config()).latest_step() == 2
+    codes, outputs = _wait(reference_proc)
+    assert codes == [0], outputs[0][-3000:]
 
     _run(CLIP + steps, run, embedded_data_dir, 2)
     _assert_same_run(reference, run, 6)
@@ -123,8 +125,11 @@ def test_two_processes_train_clip_as_one_and_resume_exactly_after_kill_9(embedde
 def test_two_processes_train_a_fusion_model_as_one(embedded_data_dir, tmp_path):
     steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=1000"]
     reference, run = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-    _run(FUSION + steps, reference, embedded_data_dir, 1)
-    _run(FUSION + steps + ["--config.mesh.data=4", "--config.mesh.dcn_data=2"], run, embedded_data_dir, 2)
+    dcn = ["--config.mesh.data=4", "--config.mesh.dcn_data=2"]
+    procs = (_launch(FUSION + steps, reference, embedded_data_dir, 1)
+             + _launch(FUSION + steps + dcn, run, embedded_data_dir, 2))
+    codes, outputs = _wait(procs)
+    assert codes == [0, 0, 0], "\n".join(o[-3000:] for o in outputs)
     _assert_same_run(reference, run, 3)
 
 
