@@ -29,8 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmjax import accumulation, checkpoint, cli, cli_logging, config_checks, distributed, optim, perf, reliability
-from mmjax import run_config
-from mmjax import sharding
+from mmjax import run_config, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
 from mmjax.evaluation import report
@@ -43,7 +42,8 @@ DEVICE_PREFETCH = 2  # batches copied to the devices ahead of the step that uses
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/clip.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print parameter count and FLOPs, exit.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step with the run's shardings, never run it; print "
+                               "its parameters, FLOPs and per-device memory; exit.")
 # Multi-host (mmjax/distributed.py): every process runs the same command with its own --process_id.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
