@@ -5,6 +5,13 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
+# `python -m mmjax.<command>` (argv[0] is "-m" while the package imports): before anything else runs, re-execute
+# under TCMalloc where it is installed (see host_malloc: XLA:CPU steps stop page-faulting their buffers in).
+if _sys.argv[:1] == ["-m"]:
+    from mmjax import host_malloc as _host_malloc
+
+    _host_malloc.reexec_with_tcmalloc()
+
 
 def _verbose(argv: list) -> bool:
     """Whether the command line asks for absl verbosity >= 1 (--verbosity=1, -v 1, ...)."""

@@ -28,8 +28,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import accumulation, checkpoint, cli, cli_logging, config_checks, distributed, optim, perf, reliability
-from mmjax import run_config, sharding
+from mmjax import accumulation, checkpoint, cli, cli_logging, config_checks, distributed, host_malloc, optim, perf
+from mmjax import reliability, run_config, sharding
 from mmjax import state as state_lib
 from mmjax.data import pipeline
 from mmjax.evaluation import report
@@ -153,7 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None, *
     sharding.check_batch_size(config.train.batch_size, mesh)
     accum_steps = int(config.train.get("accum_steps", 1))
     accumulation.check_accumulation(config.train.batch_size, accum_steps, mesh)
-    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    logging.info("mesh %s over %d devices (%s); host allocator %s", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].platform, host_malloc.loaded_allocator())
 
     # 2. Data: the tokenizer and what the data offers (classes, attributes, regions, vocabulary) size the model.
     tokenizer = pipeline.load_tokenizer(config.data)
