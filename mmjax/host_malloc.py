@@ -4,8 +4,8 @@ XLA:CPU allocates one block for all of a compiled step's temporaries on every ex
 CLIP step at batch 128) and frees it when the step ends. glibc's malloc serves a block that large from a fresh mmap
 (the request comes from one of XLA's worker threads, whose heaps stop at 64 MiB) and gives it back with munmap, so
 each step faults ~200,000 new 4 KiB pages in, zeroed by the kernel, inside its matmuls and fusions. TCMalloc keeps
-freed spans for reuse: no faults, and that step runs ~1.25x faster on the 2-core CPU machine (experiments/README.md,
-"Where the time goes"). glibc's own settings cannot fix it from inside the process: one arena (so XLA's threads
+freed spans for reuse: no faults, and that step ran 1.2-1.3x faster on the 2-core CPU machine (experiments/README.md,
+"profile_step.py"). glibc's own settings cannot fix it from inside the process: one arena (so XLA's threads
 allocate from the main heap, which can keep the block) removed the faults but made the step slower (heap lock).
 
 `python -m mmjax.<command>` (and the benchmarks) re-execute themselves once with TCMalloc in LD_PRELOAD when the
